@@ -1,0 +1,29 @@
+# The two commands: `make demo` and `make test`. Both set everything up on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast demo bench clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[test]"
+	$(PY) -c "import draftwise._C" 2>/dev/null && echo "draftwise: C++ extension built" \
+		|| echo "draftwise: C++ extension not built; the torch backend serves the CPU"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m draftwise demo
+
+bench: install
+	$(PY) -m pytest bench/bench_verify.py --benchmark-only --benchmark-json=bench/results/verify_cpu.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info draftwise/_C*.so

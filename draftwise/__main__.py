@@ -1,0 +1,3 @@
+from draftwise.cli import main
+
+raise SystemExit(main())

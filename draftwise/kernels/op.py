@@ -1,0 +1,64 @@
+"""``torch.ops.draftwise.verify_chain``: chain verification as a custom op for ``torch.compile``.
+
+The op takes the normalised tensors of :class:`~draftwise.kernels.spec.ChainInputs` (per-row
+parameters as ``[B]`` tensors, seeds or injected uniforms) and a backend name, and returns
+``(output_tokens, num_accepted, accept_probs)``; ``accept_probs`` is empty (shape ``[0]``) unless
+asked for. Its fake implementation only allocates, so graphs can hold it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backend import get_implementation
+from .spec import ChainInputs, LenienceKind, Uniforms
+
+
+@torch.library.custom_op("draftwise::verify_chain", mutates_args=())
+def verify_chain_op(
+    draft_tokens: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    lenience_kind: int,
+    lenience_epsilon: float,
+    seeds: Optional[torch.Tensor],
+    accept_uniforms: Optional[torch.Tensor],
+    race_uniforms: Optional[torch.Tensor],
+    return_accept_probs: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    uniforms = None if accept_uniforms is None else Uniforms(accept_uniforms, race_uniforms)
+    inputs = ChainInputs(
+        draft_tokens=draft_tokens, draft_probs=draft_probs, target_logits=target_logits,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+        lenience_kind=LenienceKind(lenience_kind), lenience_epsilon=lenience_epsilon,
+        seeds=seeds, uniforms=uniforms, return_accept_probs=return_accept_probs,
+    )
+    out = get_implementation(backend)(inputs)
+    accept_probs = out.accept_probs if return_accept_probs else target_logits.new_empty(0, dtype=torch.float32)
+    return out.output_tokens, out.num_accepted, accept_probs
+
+
+@verify_chain_op.register_fake
+def _(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, lenience_kind,
+      lenience_epsilon, seeds, accept_uniforms, race_uniforms, return_accept_probs, backend):
+    batch, k = draft_tokens.shape
+    output_tokens = draft_tokens.new_empty(batch, k + 1)
+    num_accepted = draft_tokens.new_empty(batch)
+    accept_probs = target_logits.new_empty((batch, k) if return_accept_probs else (0,), dtype=torch.float32)
+    return output_tokens, num_accepted, accept_probs
+
+
+def op_arguments(inputs: ChainInputs, backend: str) -> tuple:
+    """The positional arguments of ``verify_chain_op`` for validated inputs."""
+    accept, race = inputs.uniforms if inputs.uniforms is not None else (None, None)
+    return (
+        inputs.draft_tokens, inputs.draft_probs, inputs.target_logits, inputs.temperature,
+        inputs.top_k, inputs.top_p, int(inputs.lenience_kind), inputs.lenience_epsilon,
+        inputs.seeds, accept, race, inputs.return_accept_probs, backend,
+    )
