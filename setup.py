@@ -43,7 +43,7 @@ def extensions():
             ["csrc/verify_chain.cpp", "csrc/bindings.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=["-O3", "-fopenmp"],
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],
             extra_link_args=["-fopenmp"],
         )
     ]

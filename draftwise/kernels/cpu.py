@@ -1,0 +1,91 @@
+"""Chain verification by the C++ CPU kernel ``draftwise._C`` (sources in ``csrc/``).
+
+The extension takes raw data pointers, so this module owns every buffer: it makes the inputs
+contiguous (in a dtype the kernel reads), allocates the outputs and passes addresses, sizes and
+dtype codes. The kernel releases the GIL and uses ``torch.get_num_threads()`` OpenMP threads.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backend import REBUILD_HINT
+from .spec import ChainInputs, VerifyOutput
+
+try:
+    from draftwise import _C
+except ImportError:  # the optional extension was not built
+    _C = None
+
+# Element types the kernel reads, with the codes of csrc/verify_chain.h (DType).
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+UNIFORM_DTYPES = (torch.float32, torch.float64)
+
+
+def _extension():
+    if _C is None:
+        raise RuntimeError(
+            f"backend 'cpp' is not available: the extension draftwise._C is not built. Rebuild with: {REBUILD_HINT}"
+        )
+    return _C
+
+
+def _readable(x: torch.Tensor, dtypes) -> torch.Tensor:
+    """``x`` contiguous, converted to float32 when the kernel does not read its dtype."""
+    if x.dtype not in dtypes:
+        x = x.to(torch.float32)
+    return x.contiguous()
+
+
+def _address(x: Optional[torch.Tensor]) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def verify_chain_cpp(inp: ChainInputs, num_threads: Optional[int] = None) -> VerifyOutput:
+    """Chain verification of a validated batch on CPU tensors (see :mod:`draftwise.kernels.spec`)."""
+    ext = _extension()
+    if inp.target_logits.device.type != "cpu":
+        raise ValueError(f"target_logits: the cpp backend needs CPU tensors, got a tensor on {inp.target_logits.device}")
+    batch, k, vocab = inp.shape
+    logits = _readable(inp.target_logits, DTYPE_CODES)
+    probs = None if inp.draft_probs is None else _readable(inp.draft_probs, DTYPE_CODES)
+    tokens = inp.draft_tokens.contiguous()
+    temperature = inp.temperature.to(torch.float32).contiguous()
+    top_k = inp.top_k.to(torch.int64).contiguous()
+    top_p = inp.top_p.to(torch.float32).contiguous()
+    seeds = None if inp.seeds is None else inp.seeds.to(torch.int64).contiguous()
+    accept_u = race_u = None
+    if inp.uniforms is not None:
+        accept_u = _readable(inp.uniforms.accept, UNIFORM_DTYPES)
+        race_u = _readable(inp.uniforms.race, UNIFORM_DTYPES)
+
+    output_tokens = torch.empty(batch, k + 1, dtype=torch.int64)
+    num_accepted = torch.empty(batch, dtype=torch.int64)
+    accept_probs = torch.empty(batch, k, dtype=torch.float32) if inp.return_accept_probs else None
+    ext.verify_chain(
+        draft_tokens_ptr=_address(tokens),
+        draft_probs_ptr=_address(probs),
+        draft_probs_dtype=DTYPE_CODES[probs.dtype] if probs is not None else 0,
+        target_logits_ptr=_address(logits),
+        target_logits_dtype=DTYPE_CODES[logits.dtype],
+        temperature_ptr=_address(temperature),
+        top_k_ptr=_address(top_k),
+        top_p_ptr=_address(top_p),
+        seeds_ptr=_address(seeds),
+        accept_uniforms_ptr=_address(accept_u),
+        accept_uniforms_dtype=DTYPE_CODES[accept_u.dtype] if accept_u is not None else 0,
+        race_uniforms_ptr=_address(race_u),
+        race_uniforms_dtype=DTYPE_CODES[race_u.dtype] if race_u is not None else 0,
+        batch=batch,
+        num_draft=k,
+        vocab=vocab,
+        lenience_kind=int(inp.lenience_kind),
+        lenience_epsilon=float(inp.lenience_epsilon),
+        output_tokens_ptr=_address(output_tokens),
+        num_accepted_ptr=_address(num_accepted),
+        accept_probs_ptr=_address(accept_probs),
+        num_threads=torch.get_num_threads() if num_threads is None else int(num_threads),
+    )
+    return VerifyOutput(output_tokens, num_accepted, accept_probs)

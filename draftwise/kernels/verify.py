@@ -1,0 +1,459 @@
+"""Fused chain verification in Triton (same contract as :func:`reference.chain_reference`).
+
+Two launches per call, nothing of size V written to memory:
+
+1. ``_chain_stats_kernel``, grid ``(B*(K+1), C1)``: each program reads one vocabulary chunk of one
+   (row, position) of the logits and writes its partial max, sum-exp and argmax. When some row
+   uses top-k/top-p (``inp.any_filter``, one host check per call) there is one chunk per
+   (row, position) and the program also finds the exact keep threshold of top-k, then of top-p, by
+   a 16-way search over the order-preserving int32 key of the float32 logit (up to 8 passes over the
+   row each). It also resets the per-row scratch that launch 2 combines into.
+2. ``_chain_sample_kernel``, grid ``(B, P, C2)``: every program combines the ``(K+1) x C1``
+   partials of its row, decides acceptance for the whole row (the same answer in every program),
+   then races over its chunk at the emitted position j: ``argmax_v r(v) / -log(u_v)`` over the
+   residual ``r = max(0, p - q)`` and over ``p`` in the same pass. Chunk winners meet in
+   ``tl.atomic_max`` on ``(float32 score bits << 32) | (2**31 - 1 - v)`` (higher score, then lower
+   index wins); the last program of the row to arrive (an atomic counter) writes its outputs,
+   taking the p winner when no chunk saw a positive residual. ``P = K + 1`` when the sums
+   ``sum_v min(p, q)`` are asked for with draft probabilities (program ``(b, i, c)`` then also
+   adds its chunk's share at position i with ``tl.atomic_add``; the float sum order may vary run
+   to run), else ``P = 1``.
+
+Math is float32 for any input dtype; injected uniforms are read as float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec import ChainInputs, LenienceKind, VerifyOutput
+
+# Tuning knobs: vocabulary tile per loop step, vocabulary entries per program in each launch, and
+# the tile of the threshold search (it holds a [tile, 16] comparison).
+BLOCK_V = 2048
+STATS_CHUNK = 16384
+SAMPLE_CHUNK = 8192
+FILTER_BLOCK_V = 512
+
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+_ROUND_A = tl.constexpr(0xD2511F53)
+_ROUND_B = tl.constexpr(0xCD9E8D57)
+_KEY_A = tl.constexpr(0x9E3779B9)
+_KEY_B = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def philox_uniform(seed, c0, c1, c2):
+    """Philox4x32-10 keyed by int64 ``seed``, counter ``(c0, c1, c2, 0)``: word 0 as a uniform in (0, 1)."""
+    zero = c0 * 0 + c1 * 0 + c2 * 0  # every word at the counters' common shape
+    k0 = ((zero + seed) & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (((zero + seed) >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = (zero + c0).to(tl.uint32)
+    c1 = (zero + c1).to(tl.uint32)
+    c2 = (zero + c2).to(tl.uint32)
+    c3 = zero.to(tl.uint32)
+    for _ in tl.static_range(10):
+        a, b = c0, c2
+        c0 = tl.umulhi(b, _ROUND_B) ^ c1 ^ k0
+        c2 = tl.umulhi(a, _ROUND_A) ^ c3 ^ k1
+        c1 = b * _ROUND_B
+        c3 = a * _ROUND_A
+        k0 = k0 + _KEY_A
+        k1 = k1 + _KEY_B
+    return ((c0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def _logits(ptr, mask):
+    """Sanitised float32 logits: NaN is the lowest value, all clamped to the float32 range."""
+    x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x = tl.where(x == x, x, -_FLOAT32_MAX)
+    return tl.minimum(tl.maximum(x, -_FLOAT32_MAX), _FLOAT32_MAX)
+
+
+@triton.jit
+def _probs(ptr, mask):
+    """Draft probabilities as float32: NaN and negatives count as 0."""
+    q = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(q == q, tl.maximum(q, 0.0), 0.0)
+
+
+@triton.jit
+def _key(x):
+    """Order-preserving int32 key of a float32 (-0.0 sorts just below +0.0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _mass_above(row_ptr, vocab, x, floor, m, t, BLOCK_V: tl.constexpr):
+    """Sum of exp((l - m) / t) over the logits l > x with l >= floor."""
+    offs = tl.arange(0, BLOCK_V)
+    acc = tl.zeros([BLOCK_V], tl.float32)
+    for v0 in range(0, vocab, BLOCK_V):
+        mask = v0 + offs < vocab
+        l = _logits(row_ptr + v0 + offs, mask)
+        acc += tl.exp(tl.where(mask & (l > x) & (l >= floor), (l - m) / t, -float("inf")))
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _threshold(row_ptr, vocab, hi, target, floor, m, t, WEIGHTED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Smallest float32 x with ``mass(x) < target``, mass(x) = count (or weight exp((l - m) / t)) of
+    the logits l > x with l >= floor: a search over x's int32 key in [key(-FLOAT32_MAX), hi] that
+    probes 16 keys per pass over the row (8 passes for the whole float32 range)."""
+    offs = tl.arange(0, BLOCK_V)
+    probes = tl.arange(0, 16).to(tl.int64)
+    lo = tl.full([], -2139095040, tl.int64)  # _key(-FLOAT32_MAX)
+    hi = hi.to(tl.int64)
+    while lo < hi:
+        keys = lo + (hi - lo) * probes // 16
+        x = tl.where(keys >= 0, keys, keys ^ 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        mass = tl.zeros([16], tl.float32)
+        for v0 in range(0, vocab, BLOCK_V):
+            mask = v0 + offs < vocab
+            l = _logits(row_ptr + v0 + offs, mask)
+            if WEIGHTED:
+                weight = tl.exp(tl.where(mask & (l >= floor), (l - m) / t, -float("inf")))
+            else:
+                weight = (mask & (l >= floor)).to(tl.float32)
+            mass += tl.sum(tl.where(l[:, None] > x[None, :], weight[:, None], 0.0), 0)
+        failing = tl.sum((mass >= target).to(tl.int64), 0)  # the answer lies in (keys[failing - 1], keys[failing]]
+        hi = tl.where(failing < 16, tl.sum(tl.where(probes == failing, keys, 0), 0), hi)
+        lo = tl.where(failing > 0, tl.sum(tl.where(probes == failing - 1, keys, 0), 0) + 1, lo)
+    return tl.where(lo >= 0, lo, lo ^ 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _race_key(score, index, vocab):
+    """Best lane as ``(score bits << 32) | (2**31 - 1 - index)``: int64 order = higher score, then
+    lower index; -1 when no lane has a score >= 0."""
+    best = tl.max(score, 0)
+    index = tl.min(tl.where(score == best, index, vocab), 0)
+    key = (best.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64)
+    return tl.where(best >= 0, key, -1)
+
+
+@triton.jit(do_not_specialize=["num_positions"])
+def _chain_stats_kernel(
+    logits_ptr,  # [B, K+1, V] float (any), unit stride along V
+    temperature_ptr,  # [B] float32
+    top_k_ptr,  # [B] int64
+    top_p_ptr,  # [B] float32
+    max_ptr,  # [B*(K+1), C1] float32 out
+    sum_ptr,  # [B*(K+1), C1] float32 out: sum over the chunk of exp((l - chunk max) / t), kept l only
+    argmax_ptr,  # [B*(K+1), C1] int32 out: first index of the chunk max
+    threshold_ptr,  # [B*(K+1)] float32 out (FILTER): keep l >= threshold
+    best_ptr,  # [B, 2] int64 out: set to -1 (race winners of launch 2)
+    arrivals_ptr,  # [B] int32 out: set to 0
+    accept_probs_ptr,  # [B, K] float32 out (ACCEPT_PROBS): set to 0
+    num_positions,  # K + 1
+    vocab,
+    chunk,
+    stride_lb, stride_lk,
+    FILTER: tl.constexpr, ACCEPT_PROBS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, FILTER_BLOCK_V: tl.constexpr,
+):
+    # Online softmax statistics of one (row, position, chunk): M = max l, S = sum exp((l - M) / t),
+    # first argmax; reads each logit once (4 B/elem for fp32). FILTER: one chunk per row, and up to
+    # 19 more passes over it (top-k and top-p thresholds, their kept mass) to set S over the kept l.
+    rp = tl.program_id(0)
+    c = tl.program_id(1)
+    b = rp // num_positions
+    row_ptr = logits_ptr + b.to(tl.int64) * stride_lb + (rp % num_positions).to(tl.int64) * stride_lk
+    t = tl.load(temperature_ptr + b)
+    t = tl.where(t > 0, t, 1.0)
+
+    first = ((rp % num_positions) + c == 0).to(tl.int32)  # one program per row resets its scratch
+    pair = tl.arange(0, 2)
+    tl.store(best_ptr + 2 * b + pair, tl.full([2], -1, tl.int64), mask=pair < 2 * first)
+    tl.store(arrivals_ptr + b, 0, mask=first == 1)
+    if ACCEPT_PROBS:
+        i = tl.arange(0, BLOCK_K)
+        tl.store(accept_probs_ptr + b * (num_positions - 1) + i, tl.zeros([BLOCK_K], tl.float32),
+                 mask=i < (num_positions - 1) * first)
+
+    offs = tl.arange(0, BLOCK_V)
+    start = c * chunk
+    end = tl.minimum(start + chunk, vocab)
+    m = tl.full([], -float("inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)  # per lane, relative to the running scalar max m
+    lane_max = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    lane_arg = tl.zeros([BLOCK_V], tl.int32)  # first index of each lane's max
+    for v0 in range(start, end, BLOCK_V):
+        mask = v0 + offs < end
+        l = tl.where(mask, _logits(row_ptr + v0 + offs, mask), -float("inf"))
+        new_m = tl.maximum(m, tl.max(l, 0))
+        s = s * tl.exp((m - new_m) / t) + tl.exp((l - new_m) / t)
+        lane_arg = tl.where(l > lane_max, v0 + offs, lane_arg)
+        lane_max = tl.maximum(lane_max, l)
+        m = new_m
+    s = tl.sum(s, 0)
+    arg = tl.min(tl.where(lane_max == m, lane_arg, vocab), 0)
+
+    if FILTER:
+        k = tl.load(top_k_ptr + b)
+        top_p = tl.load(top_p_ptr + b)
+        use_k = (k > 0) & (k < vocab)
+        hi = tl.where(use_k, _key(m), -2139095040)
+        threshold = _threshold(row_ptr, vocab, hi, k.to(tl.float32), -float("inf"), m, t, False, FILTER_BLOCK_V)
+        threshold = tl.where(use_k, threshold, -float("inf"))
+        use_p = top_p < 1.0
+        total = _mass_above(row_ptr, vocab, -float("inf"), threshold, m, t, BLOCK_V)
+        hi = tl.where(use_p, _key(m), -2139095040)
+        threshold_p = _threshold(row_ptr, vocab, hi, top_p * total, threshold, m, t, True, FILTER_BLOCK_V)
+        threshold = tl.where(use_p, tl.maximum(threshold, threshold_p), threshold)
+        s = _mass_above(row_ptr, vocab, -float("inf"), threshold, m, t, BLOCK_V)
+        tl.store(threshold_ptr + rp, threshold)
+
+    n_chunks = tl.num_programs(1)
+    tl.store(max_ptr + rp * n_chunks + c, m)
+    tl.store(sum_ptr + rp * n_chunks + c, s)
+    tl.store(argmax_ptr + rp * n_chunks + c, arg)
+
+
+@triton.jit(do_not_specialize=["k_max", "num_stat_chunks"])
+def _chain_sample_kernel(
+    logits_ptr,  # [B, K+1, V] float (any), unit stride along V
+    draft_probs_ptr,  # [B, K, V] float (HAS_Q), unit stride along V
+    draft_tokens_ptr,  # [B, K] int64
+    temperature_ptr,  # [B] float32
+    seeds_ptr,  # [B] int64 (not HAS_UNIFORMS)
+    accept_u_ptr,  # [B, K] float (HAS_UNIFORMS)
+    race_u_ptr,  # [B, K+1, V] float (HAS_UNIFORMS), unit stride along V
+    max_ptr,  # [B*(K+1), C1] float32
+    sum_ptr,  # [B*(K+1), C1] float32
+    argmax_ptr,  # [B*(K+1), C1] int32
+    threshold_ptr,  # [B*(K+1)] float32 (FILTER)
+    best_ptr,  # [B, 2] int64: residual and p race winners, packed
+    arrivals_ptr,  # [B] int32
+    output_tokens_ptr,  # [B, K+1] int64 out
+    num_accepted_ptr,  # [B] int64 out
+    accept_probs_ptr,  # [B, K] float32 out (ACCEPT_PROBS)
+    k_max,
+    vocab,
+    num_stat_chunks,
+    chunk,
+    lenience_arg,  # LINEAR / SQUARE: the divisor eps or eps**2; POWER: the exponent eps
+    stride_lb, stride_lk, stride_qb, stride_qk, stride_db, stride_ab, stride_rb, stride_rk,
+    FILTER: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIFORMS: tl.constexpr, LENIENCE: tl.constexpr,
+    ACCEPT_PROBS: tl.constexpr, MIN_SUMS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # p_i(v) = [l >= thr_i] exp((l - M_i) / t) / S_i from the partials; accept x_i iff
+    # u_i q_i(x_i) < f(p_i(x_i)); emitted token: argmax_v max(0, p_j - q_j)(v) / -log(u_v), or over
+    # p_j when that residual is all zero. Reads one chunk of logits (and q, race noise) at j only.
+    b = tl.program_id(0)
+    c = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    t = tl.load(temperature_ptr + b)
+    greedy = t == 0
+    t = tl.where(greedy, 1.0, t)
+
+    i = tl.arange(0, BLOCK_K)
+    valid = i <= k_max
+    cell = (b * (k_max + 1) + i)[:, None] * num_stat_chunks + tl.arange(0, BLOCK_C)[None, :]
+    cell_mask = valid[:, None] & (tl.arange(0, BLOCK_C)[None, :] < num_stat_chunks)
+    m_c = tl.load(max_ptr + cell, mask=cell_mask, other=-_FLOAT32_MAX)
+    m = tl.max(m_c, 1)
+    s_c = tl.load(sum_ptr + cell, mask=cell_mask, other=0.0)
+    s = tl.sum(s_c * tl.exp((tl.where(cell_mask, m_c, m[:, None]) - m[:, None]) / t), 1)
+    s = tl.where(valid, s, 1.0)
+    m = tl.where(valid, m, 0.0)
+    arg_c = tl.load(argmax_ptr + cell, mask=cell_mask, other=0)
+    arg = tl.min(tl.where(cell_mask & (m_c == m[:, None]), arg_c, vocab), 1)
+    if FILTER:
+        thr = tl.load(threshold_ptr + b * (k_max + 1) + i, mask=valid, other=0.0)
+    else:
+        thr = tl.full([BLOCK_K], -float("inf"), tl.float32)
+
+    # Acceptance of every drafted position (identical in all programs of the row).
+    x = tl.load(draft_tokens_ptr + b64 * stride_db + i, mask=i < k_max, other=-1)
+    drafted = (x >= 0) & (x < vocab)
+    x = tl.where(drafted, x, 0)
+    num_drafted = tl.min(tl.where(drafted, BLOCK_K, i), 0)
+    l_x = _logits(logits_ptr + b64 * stride_lb + i.to(tl.int64) * stride_lk + x, drafted)
+    p_x = tl.exp(tl.where(drafted & (l_x >= thr), (l_x - m) / t, -float("inf"))) / s
+    if HAS_Q:
+        q_x = _probs(draft_probs_ptr + b64 * stride_qb + i.to(tl.int64) * stride_qk + x, drafted)
+    else:
+        q_x = tl.full([BLOCK_K], 1.0, tl.float32)
+    if HAS_UNIFORMS:
+        u = tl.load(accept_u_ptr + b64 * stride_ab + i, mask=i < k_max, other=0.5).to(tl.float32)
+    else:
+        seed = tl.load(seeds_ptr + b)
+        u = philox_uniform(seed, i * 0, i, 0)
+    if LENIENCE == 1 or LENIENCE == 2:
+        f = p_x / lenience_arg
+    elif LENIENCE == 3:
+        f = tl.where(p_x > 0, tl.exp2(lenience_arg * tl.log2(tl.where(p_x > 0, p_x, 1.0))), 0.0)
+    else:
+        f = p_x
+    accepted = drafted & tl.where(greedy, x == arg, u * q_x < f)
+    j = tl.min(tl.where(accepted, BLOCK_K, i), 0)
+
+    # The race over this program's chunk at position w (j, or program_id(1) for the min sums).
+    if MIN_SUMS:
+        w = tl.program_id(1)
+        min_sum = (w < num_drafted) & ~greedy
+    else:
+        w = j
+        min_sum = j < 0
+    race = (w == j) & ~greedy
+    use_q = w < num_drafted
+    at_w = i == w
+    m_w = tl.sum(tl.where(at_w, m, 0.0), 0)
+    s_w = tl.sum(tl.where(at_w, s, 0.0), 0)
+    thr_w = tl.max(tl.where(at_w, thr, -float("inf")), 0)
+    x_w = tl.where(use_q, tl.sum(tl.where(at_w, x, 0), 0), -1)  # one-hot q_w at x_w; none at the bonus
+    row_ptr = logits_ptr + b64 * stride_lb + w.to(tl.int64) * stride_lk
+    q_ptr = draft_probs_ptr + b64 * stride_qb + w.to(tl.int64) * stride_qk
+    u_ptr = race_u_ptr + b64 * stride_rb + w.to(tl.int64) * stride_rk
+
+    offs = tl.arange(0, BLOCK_V)
+    start = c * chunk
+    end = tl.where(race | min_sum, tl.minimum(start + chunk, vocab), start)
+    q_end = tl.where(use_q, end, 0)
+    best_r = tl.full([BLOCK_V], -1.0, tl.float32)  # per lane: best score and its first index
+    best_p = tl.full([BLOCK_V], -1.0, tl.float32)
+    arg_r = tl.zeros([BLOCK_V], tl.int32)
+    arg_p = tl.zeros([BLOCK_V], tl.int32)
+    overlap = tl.zeros([BLOCK_V], tl.float32)
+    for v0 in range(start, end, BLOCK_V):
+        v = v0 + offs
+        mask = v < end
+        l = _logits(row_ptr + v, mask)
+        p = tl.exp(tl.where(mask & (l >= thr_w), (l - m_w) / t, -float("inf"))) / s_w
+        if HAS_Q:
+            q = _probs(q_ptr + v, v < q_end)
+        else:
+            q = tl.where(v == x_w, 1.0, 0.0)
+        if HAS_UNIFORMS:
+            noise = tl.load(u_ptr + v, mask=mask, other=0.5).to(tl.float32)
+        else:
+            noise = philox_uniform(seed, v, w, 1)
+        e = tl.maximum(-tl.log(noise), 1.1754943508222875e-38)
+        r = tl.maximum(p - q, 0.0)
+        score_r = tl.where(mask & (r > 0), r / e, -1.0)
+        score_p = tl.where(mask, p / e, -1.0)
+        arg_r = tl.where(score_r > best_r, v, arg_r)
+        arg_p = tl.where(score_p > best_p, v, arg_p)
+        best_r = tl.maximum(best_r, score_r)
+        best_p = tl.maximum(best_p, score_p)
+        if MIN_SUMS:
+            overlap += tl.minimum(p, q)
+
+    key_r = _race_key(best_r, arg_r, vocab)
+    key_p = _race_key(best_p, arg_p, vocab)
+    tl.atomic_max(best_ptr + 2 * b, key_r, mask=race)
+    tl.atomic_max(best_ptr + 2 * b + 1, key_p, mask=race)
+    if MIN_SUMS:
+        tl.atomic_add(accept_probs_ptr + b * k_max + w, tl.sum(overlap, 0), mask=min_sum)
+
+    arrived = tl.atomic_add(arrivals_ptr + b, 1)
+    if arrived == tl.num_programs(1) * tl.num_programs(2) - 1:
+        # Last program of the row: emit. Atomic reads see every chunk's winner.
+        won_r = tl.atomic_max(best_ptr + 2 * b, -1)
+        won_p = tl.atomic_max(best_ptr + 2 * b + 1, -1)
+        won = tl.where(won_r >= 0, won_r, won_p)
+        sampled = 0x7FFFFFFF - (won & 0xFFFFFFFF)
+        token = tl.where(greedy, tl.sum(tl.where(i == j, arg, 0), 0).to(tl.int64), sampled)
+        token = tl.minimum(tl.maximum(token, 0), vocab - 1)
+        out = tl.where(i < j, x, tl.where(i == j, token, -1))
+        tl.store(output_tokens_ptr + b64 * (k_max + 1) + i, out, mask=valid)
+        tl.store(num_accepted_ptr + b, j.to(tl.int64))
+        if ACCEPT_PROBS:
+            if HAS_Q:
+                greedy_value = _probs(draft_probs_ptr + b64 * stride_qb + i.to(tl.int64) * stride_qk + arg,
+                                      i < num_drafted)
+            else:
+                greedy_value = (x == arg).to(tl.float32)
+            value = tl.where(i < num_drafted, tl.where(greedy, greedy_value, p_x), float("nan"))
+            if MIN_SUMS:  # the chunks' atomic sums stay where they were added
+                store = (i < k_max) & (i >= tl.where(greedy, 0, num_drafted))
+            else:
+                store = i < k_max
+            tl.store(accept_probs_ptr + b * k_max + i, value, mask=store)
+
+
+def _contiguous_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def verify_chain_triton(
+    inp: ChainInputs, *, block_v: int | None = None, stats_chunk: int | None = None,
+    sample_chunk: int | None = None,
+) -> VerifyOutput:
+    """Chain verification in two Triton launches; the keywords override the module's tuning knobs."""
+    batch, k, vocab = inp.shape
+    device = inp.target_logits.device
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"target_logits: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got tensors on {device}")
+    output_tokens = torch.empty((batch, k + 1), dtype=torch.int64, device=device)
+    num_accepted = torch.empty((batch,), dtype=torch.int64, device=device)
+    accept_probs = torch.empty((batch, k), dtype=torch.float32, device=device) if inp.return_accept_probs else None
+    if batch == 0:
+        return VerifyOutput(output_tokens, num_accepted, accept_probs)
+
+    logits = _contiguous_last(inp.target_logits)
+    has_q = inp.draft_probs is not None and k > 0
+    draft_probs = _contiguous_last(inp.draft_probs) if has_q else logits
+    draft_tokens = _contiguous_last(inp.draft_tokens) if k > 0 else num_accepted
+    has_uniforms = inp.uniforms is not None
+    if has_uniforms:
+        accept_u = _contiguous_last(inp.uniforms.accept) if k > 0 else logits
+        race_u = _contiguous_last(inp.uniforms.race)
+    else:
+        accept_u, race_u = logits, logits
+    seeds = inp.seeds if inp.seeds is not None else num_accepted
+    accept_probs_buf = accept_probs if (accept_probs is not None and k > 0) else output_tokens
+
+    filtered = inp.any_filter  # the one host sync
+    block = max(16, min(block_v or BLOCK_V, triton.next_power_of_2(vocab)))
+    chunk1 = vocab if filtered else triton.cdiv(stats_chunk or STATS_CHUNK, block) * block
+    chunk2 = triton.cdiv(sample_chunk or SAMPLE_CHUNK, block) * block
+    chunks1, chunks2 = triton.cdiv(vocab, chunk1), triton.cdiv(vocab, chunk2)
+    rows = batch * (k + 1)
+    stats = torch.empty((3, rows, chunks1), dtype=torch.float32, device=device)
+    threshold = torch.empty((rows,), dtype=torch.float32, device=device) if filtered else stats
+    best = torch.empty((batch, 2), dtype=torch.int64, device=device)
+    arrivals = torch.empty((batch,), dtype=torch.int32, device=device)
+    argmax = stats[2].view(torch.int32)
+    block_k = max(2, triton.next_power_of_2(k + 1))
+    num_warps = 8 if block >= 2048 else 4
+    accept_flag = accept_probs is not None and k > 0
+    min_sums = accept_flag and has_q
+
+    _chain_stats_kernel[(rows, chunks1)](
+        logits_ptr=logits, temperature_ptr=inp.temperature, top_k_ptr=inp.top_k, top_p_ptr=inp.top_p,
+        max_ptr=stats[0], sum_ptr=stats[1], argmax_ptr=argmax, threshold_ptr=threshold,
+        best_ptr=best, arrivals_ptr=arrivals, accept_probs_ptr=accept_probs_buf,
+        num_positions=k + 1, vocab=vocab, chunk=chunk1,
+        stride_lb=logits.stride(0), stride_lk=logits.stride(1),
+        FILTER=filtered, ACCEPT_PROBS=accept_flag, BLOCK_K=block_k, BLOCK_V=block,
+        FILTER_BLOCK_V=min(block, FILTER_BLOCK_V), num_warps=num_warps,
+    )
+    lenience = inp.lenience_kind
+    eps = float(inp.lenience_epsilon)
+    lenience_arg = eps * eps if lenience == LenienceKind.SQUARE else eps
+    _chain_sample_kernel[(batch, k + 1 if min_sums else 1, chunks2)](
+        logits_ptr=logits, draft_probs_ptr=draft_probs, draft_tokens_ptr=draft_tokens,
+        temperature_ptr=inp.temperature, seeds_ptr=seeds, accept_u_ptr=accept_u, race_u_ptr=race_u,
+        max_ptr=stats[0], sum_ptr=stats[1], argmax_ptr=argmax, threshold_ptr=threshold,
+        best_ptr=best, arrivals_ptr=arrivals, output_tokens_ptr=output_tokens,
+        num_accepted_ptr=num_accepted, accept_probs_ptr=accept_probs_buf,
+        k_max=k, vocab=vocab, num_stat_chunks=chunks1, chunk=chunk2, lenience_arg=lenience_arg,
+        stride_lb=logits.stride(0), stride_lk=logits.stride(1),
+        stride_qb=draft_probs.stride(0), stride_qk=draft_probs.stride(1),
+        stride_db=draft_tokens.stride(0), stride_ab=accept_u.stride(0),
+        stride_rb=race_u.stride(0), stride_rk=race_u.stride(1),
+        FILTER=filtered, HAS_Q=has_q, HAS_UNIFORMS=has_uniforms, LENIENCE=int(lenience),
+        ACCEPT_PROBS=accept_flag, MIN_SUMS=min_sums,
+        BLOCK_K=block_k, BLOCK_C=max(2, triton.next_power_of_2(chunks1)), BLOCK_V=block, num_warps=num_warps,
+    )
+    return VerifyOutput(output_tokens, num_accepted, accept_probs)
