@@ -4,7 +4,7 @@
 // exp((l - max) / T) and, for greedy rows, the argmax; positions are visited in order and a row
 // stops at its first rejection (unless accept_probs asks for every drafted position). At the
 // emitted position j one more pass races over the residual max(0, p_j - q_j) and over p_j at
-// once: argmax_v w(v) / -log(u_v), so the empty-residual fallback costs no extra pass.
+// once: argmax_v w(v) / E_v with E_v = -log(1 - t_v), so the empty-residual fallback costs no extra pass.
 // Bytes: each needed logits row is read once (twice at the emitted position), q is read at
 // the emitted position only (and at every drafted position for accept_probs).
 //
@@ -256,13 +256,24 @@ DW_INLINE float uniform_from_word(uint32_t x) {
 #define DW_VECTOR_CLONES
 #endif
 
-// -log(u_v) of the race noise for v in [c0_start, c0_start + n) at `position`.
+// The race draw t = float32(x | 1) * 2**-32, in (0, 1] with full precision near 0.
+DW_INLINE float race_draw_from_word(uint32_t x) { return static_cast<float>(x | 1u) * 0x1p-32f; }
+
+// E = -log(1 - t) ~ Exp(1), precise for small t (Kahan's log1p: E = -log(y) * t / (1 - y) with
+// y = 1 - t rounded; E = t when y rounds to 1; +inf at t = 1, which then never wins the race).
+DW_INLINE float race_exponential(float t) {
+  const float y = 1.0f - t;
+  const float e = neg_log(y > 0.0f ? y : 0.5f) * t / (1.0f - y);
+  return y == 1.0f ? t : (y > 0.0f ? e : std::numeric_limits<float>::infinity());
+}
+
+// E_v of the race noise for v in [c0_start, c0_start + n) at `position`.
 DW_VECTOR_CLONES void philox_race_noise(uint64_t seed, uint32_t c0_start, uint32_t position,
                                         int64_t n, float* noise) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t x = philox_word0(k0, k1, c0_start + static_cast<uint32_t>(i), position, kStreamRace);
-    noise[i] = neg_log(uniform_from_word(x));
+    noise[i] = race_exponential(race_draw_from_word(x));
   }
 }
 
@@ -323,13 +334,16 @@ ChunkStats chunk_stats(const T* logits, int64_t n, int64_t base, float inv_t, bo
   return ChunkStats{m, sum_of(buf, n), -1};
 }
 
-// Sum over the chunk of min(p, q) with p = w / z.
+// Sum over the chunk of min(f(p), q) with p = w / z and f the lenience (identity if lossless).
 template <class T, class Q>
 double min_sum_chunk(const T* logits, const Q* probs, int64_t n, const PositionStats& s,
-                     float inv_t, float* buf) {
+                     float inv_t, Lenience kind, float epsilon, float* buf) {
   const float inv_z = static_cast<float>(1.0 / s.z), max = s.max, threshold = s.threshold;
+  const float scale = kind == Lenience::kLinear ? 1.0f / epsilon
+                      : kind == Lenience::kSquare ? 1.0f / (epsilon * epsilon) : 1.0f;
   for (int64_t i = 0; i < n; ++i) {
-    const float p = weight(sanitize_logit(to_float(logits[i])), max, inv_t, threshold) * inv_z;
+    float p = weight(sanitize_logit(to_float(logits[i])), max, inv_t, threshold) * inv_z * scale;
+    if (kind == Lenience::kPower) p = std::pow(p, epsilon);
     const float q = sanitize_prob(to_float(probs[i]));
     buf[i] = p < q ? p : q;
   }
@@ -486,7 +500,7 @@ double accept_uniform(const ChainArgs& a, const RowParams& rp, int64_t b, int64_
   return static_cast<const double*>(a.accept_uniforms_ptr)[at];
 }
 
-// -log(u_v) of the race at (b, position) for v in [base, base + n).
+// E_v = -log(1 - t_v) of the race at (b, position) for v in [base, base + n).
 void race_noise(const ChainArgs& a, const RowParams& rp, int64_t b, int64_t position,
                 int64_t base, int64_t n, float* noise) {
   if (a.seeds_ptr != nullptr) {
@@ -496,10 +510,10 @@ void race_noise(const ChainArgs& a, const RowParams& rp, int64_t b, int64_t posi
   const int64_t at = (b * (a.num_draft + 1) + position) * a.vocab + base;
   if (a.race_uniforms_dtype == DType::kFloat32) {
     const float* u = static_cast<const float*>(a.race_uniforms_ptr) + at;
-    for (int64_t i = 0; i < n; ++i) noise[i] = static_cast<float>(-std::log(double(u[i])));
+    for (int64_t i = 0; i < n; ++i) noise[i] = static_cast<float>(-std::log1p(-double(u[i])));
   } else {
     const double* u = static_cast<const double*>(a.race_uniforms_ptr) + at;
-    for (int64_t i = 0; i < n; ++i) noise[i] = static_cast<float>(-std::log(u[i]));
+    for (int64_t i = 0; i < n; ++i) noise[i] = static_cast<float>(-std::log1p(-u[i]));
   }
 }
 
@@ -620,8 +634,9 @@ class Chain {
       double q_x = 1.0;
       if constexpr (kHasQ) q_x = sanitize_prob(to_double(probs_row(b, r)[x]));
       const double u = accept_uniform(a_, rp, b, r);
-      st.accepted_now = u * q_x < lenient(p_x, a_.lenience_kind, a_.lenience_epsilon);
-      accept_prob = p_x;
+      const double f_p = lenient(p_x, a_.lenience_kind, a_.lenience_epsilon);
+      st.accepted_now = u * q_x < f_p;
+      accept_prob = f_p < 1.0 ? f_p : 1.0;  // one-hot drafts: P(u < f(p(x)))
     }
     if (accept_probs_ != nullptr && !needs_min_sum(b, r))
       accept_probs_[b * k_ + r] = static_cast<float>(accept_prob);
@@ -632,7 +647,8 @@ class Chain {
       const int64_t base = c * kChunk;
       min_sums_[b * chunks_ + c] =
           min_sum_chunk(logits_row(b, r) + base, probs_row(b, r) + base, chunk_size(c),
-                        state_[b].now, params_[b].inv_t, s.buf.data());
+                        state_[b].now, params_[b].inv_t, a_.lenience_kind,
+                        static_cast<float>(a_.lenience_epsilon), s.buf.data());
     }
   }
 

@@ -25,7 +25,7 @@ def _uniforms(batch, k, vocab, accept_value=None, seed=1) -> Uniforms:
 
 
 def _race(weights: torch.Tensor, noise: torch.Tensor) -> int:
-    return int((weights.double() / -torch.log(noise.double())).argmax())
+    return int((weights.double() / -torch.log1p(-noise.double())).argmax())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

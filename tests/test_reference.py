@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from draftwise.kernels import backend
-from draftwise.kernels.reference import philox_uniform, sanitize_logits, target_probs
+from draftwise.kernels.reference import philox_race_uniform, philox_uniform, sanitize_logits, target_probs
 
 
 def _philox_word0(key: int, counter: tuple[int, int, int, int]) -> int:
@@ -64,7 +64,7 @@ def _hf_probs(logits, temperature, top_k, top_p):
     pytest.param(0.875, 50, 0.625, id="top_k-then-top_p"),
 ])
 def test_target_distribution_matches_transformers_warpers(temperature, top_k, top_p):
-    logits = torch.randn(6, 500, dtype=torch.float64) * 2
+    logits = (torch.randn(6, 500) * 2).double()  # float32 values: the kernels round to float32
     want = _hf_probs(logits, temperature, top_k, top_p)
     got = target_probs(sanitize_logits(logits, torch.float64).unsqueeze(1), torch.full((6,), temperature),
                        torch.full((6,), top_k), torch.full((6,), top_p)).squeeze(1)
@@ -98,3 +98,13 @@ def test_fallback_is_reported_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backend.resolve_backend(None, "cpu") == "torch"
+
+
+def test_race_draws_keep_full_precision_near_zero():
+    """The race is decided by the smallest draws: they must not sit on a coarse grid, or equally
+    likely tokens would tie and the lowest id would win too often."""
+    t = philox_race_uniform(torch.tensor([3]), torch.arange(2**20), 0, 1)
+    smallest = t.sort().values[:1000]
+    assert 0 < smallest[0] and t.max() <= 1
+    # 32-bit draws: ~0.25 repeats expected among these; a 2**-23 grid would give ~60.
+    assert smallest.unique().numel() >= 995

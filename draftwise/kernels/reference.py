@@ -7,6 +7,8 @@ contract is in :mod:`draftwise.kernels.spec`.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -24,12 +26,11 @@ STREAM_ACCEPT = 0
 STREAM_RACE = 1
 
 
-def philox_uniform(seeds: torch.Tensor, c0, c1, c2) -> torch.Tensor:
-    """Uniforms in (0, 1) from Philox4x32-10, keyed by int64 ``seeds``, counter ``(c0, c1, c2, 0)``.
+def philox_word(seeds: torch.Tensor, c0, c1, c2) -> np.ndarray:
+    """Word 0 of Philox4x32-10 keyed by int64 ``seeds``, counter ``(c0, c1, c2, 0)``, as uint64.
 
-    All arguments broadcast; counters are int64 tensors or ints in [0, 2**32). Returns float64
-    values ``((x >> 9) + 0.5) / 2**23`` (which float32 also holds exactly) on the seeds' device.
-    The arithmetic runs in numpy's uint64, where a 32 x 32-bit product is exact.
+    All arguments broadcast; counters are int64 tensors or ints in [0, 2**32). The arithmetic
+    runs in numpy's uint64, where a 32 x 32-bit product is exact.
     """
     def as_uint64(x) -> np.ndarray:
         x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -45,8 +46,21 @@ def philox_uniform(seeds: torch.Tensor, c0, c1, c2) -> torch.Tensor:
         c0, c1, c2, c3 = ((product1 >> shift) ^ c1 ^ k0, product1 & MASK32,
                           (product0 >> shift) ^ c3 ^ k1, product0 & MASK32)
         k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
-    uniform = ((c0 >> np.uint64(9)).astype(np.float64) + 0.5) * 2.0**-23
-    return torch.from_numpy(uniform).to(seeds.device)
+    return c0
+
+
+def philox_uniform(seeds: torch.Tensor, c0, c1, c2) -> torch.Tensor:
+    """The acceptance draw: ``((x >> 9) + 0.5) / 2**23`` of word x, strictly inside (0, 1) and exact
+    in float32 (float64 tensor on the seeds' device)."""
+    word = philox_word(seeds, c0, c1, c2)
+    return torch.from_numpy(((word >> np.uint64(9)).astype(np.float64) + 0.5) * 2.0**-23).to(seeds.device)
+
+
+def philox_race_uniform(seeds: torch.Tensor, c0, c1, c2) -> torch.Tensor:
+    """The race draw: ``float32(x | 1) / 2**32`` of word x, in (0, 1], with full float32 precision
+    near 0 where the race is decided (float64 tensor on the seeds' device)."""
+    word = philox_word(seeds, c0, c1, c2) | np.uint64(1)
+    return torch.from_numpy(word.astype(np.float32).astype(np.float64) * 2.0**-32).to(seeds.device)
 
 
 def seeded_uniforms(seeds: torch.Tensor, k: int, vocab: int) -> Uniforms:
@@ -54,13 +68,13 @@ def seeded_uniforms(seeds: torch.Tensor, k: int, vocab: int) -> Uniforms:
     rows = seeds.view(-1, 1, 1)
     positions = torch.arange(k + 1, device=seeds.device).view(1, -1, 1)
     accept = philox_uniform(rows[:, :k, 0], 0, positions[:, :k, 0], STREAM_ACCEPT)
-    race = philox_uniform(rows, torch.arange(vocab, device=seeds.device), positions, STREAM_RACE)
+    race = philox_race_uniform(rows, torch.arange(vocab, device=seeds.device), positions, STREAM_RACE)
     return Uniforms(accept=accept, race=race)
 
 
 def sanitize_logits(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """NaN counts as the lowest value; everything is clamped to the float32 range."""
-    logits = logits.to(dtype)
+    """Rounded to float32 (the kernels' precision), NaN as the lowest value, clamped to its range."""
+    logits = logits.float().to(dtype)
     return torch.nan_to_num(logits, nan=-FLOAT32_MAX).clamp(-FLOAT32_MAX, FLOAT32_MAX)
 
 
@@ -108,7 +122,7 @@ def target_probs(
     return weights / weights.sum(-1, keepdim=True)
 
 
-def _lenient(p: torch.Tensor, kind: LenienceKind, epsilon: float) -> torch.Tensor:
+def _lenient(p: torch.Tensor, *, kind: LenienceKind, epsilon: float) -> torch.Tensor:
     if kind == LenienceKind.LINEAR:
         return p / epsilon
     if kind == LenienceKind.SQUARE:
@@ -118,9 +132,14 @@ def _lenient(p: torch.Tensor, kind: LenienceKind, epsilon: float) -> torch.Tenso
     return p
 
 
+def race_exponentials(noise: torch.Tensor) -> torch.Tensor:
+    """``E = -log(1 - t)``: Exp(1) variates from race draws t, precise where t (and E) is small."""
+    return -torch.log1p(-noise)
+
+
 def _race(weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Exponential race: ``argmax_v w(v) / E_v`` with ``E_v = -log(u_v)`` samples ``norm(w)``."""
-    return (weights / -torch.log(noise)).argmax(-1)
+    """Exponential race: ``argmax_v w(v) / E_v`` samples ``norm(w)`` (lowest index on ties)."""
+    return (weights / race_exponentials(noise)).argmax(-1)
 
 
 def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64) -> VerifyOutput:
@@ -144,7 +163,7 @@ def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64
         q = None
         q_x = torch.ones_like(p_x)
     else:
-        q = inp.draft_probs.to(compute_dtype).nan_to_num(0.0).clamp_min(0.0)
+        q = inp.draft_probs.float().to(compute_dtype).nan_to_num(0.0).clamp_min(0.0)
         q_x = q.gather(-1, safe_tokens.unsqueeze(-1)).squeeze(-1)
 
     if inp.uniforms is not None:
@@ -153,7 +172,8 @@ def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64
         positions = torch.arange(k, device=device).view(1, -1)
         accept_u = philox_uniform(inp.seeds.view(-1, 1), 0, positions, STREAM_ACCEPT).to(compute_dtype)
 
-    sampled_accept = accept_u * q_x < _lenient(p_x, inp.lenience_kind, inp.lenience_epsilon)
+    lenient = functools.partial(_lenient, kind=inp.lenience_kind, epsilon=inp.lenience_epsilon)
+    sampled_accept = accept_u * q_x < lenient(p_x)
     greedy_accept = safe_tokens == greedy_tokens[:, :k]
     accepted = torch.where(is_greedy, greedy_accept, sampled_accept) & drafted
     num_accepted = accepted.long().cumprod(-1).sum(-1)  # [B]
@@ -168,7 +188,7 @@ def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64
     if inp.uniforms is not None:
         race_u = inp.uniforms.race.to(compute_dtype)[rows, j]
     else:
-        race_u = philox_uniform(
+        race_u = philox_race_uniform(
             inp.seeds.view(-1, 1), torch.arange(vocab, device=device), j.view(-1, 1), STREAM_RACE
         ).to(compute_dtype)
     sampled_token = _race(residual, race_u)
@@ -181,7 +201,7 @@ def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64
 
     accept_probs = None
     if inp.return_accept_probs:
-        accept_probs = _accept_probs(probs[:, :k], q, safe_tokens, greedy_tokens[:, :k], is_greedy, drafted)
+        accept_probs = _accept_probs(lenient(probs[:, :k]), q, safe_tokens, greedy_tokens[:, :k], is_greedy, drafted)
     return VerifyOutput(output, num_accepted, accept_probs)
 
 
@@ -199,13 +219,14 @@ def _draft_distribution_at(q, tokens, j, num_drafted, like) -> torch.Tensor:
     return torch.where((j < num_drafted).view(-1, 1), q_j, 0.0)
 
 
-def _accept_probs(p, q, tokens, greedy_tokens, is_greedy, drafted) -> torch.Tensor:
-    """``sum_v min(p, q)`` per position; greedy rows use p = one-hot(argmax); NaN past the drafts."""
+def _accept_probs(f_p, q, tokens, greedy_tokens, is_greedy, drafted) -> torch.Tensor:
+    """The probability that a draft from q passes: ``sum_v min(q, f(p))`` (``sum min(p, q)`` when
+    lossless); greedy rows: ``q(argmax p)``; NaN past the drafts."""
     if q is None:
-        sampled = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        greedy = (tokens == greedy_tokens).to(p.dtype)
+        sampled = f_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).clamp_max(1.0)
+        greedy = (tokens == greedy_tokens).to(f_p.dtype)
     else:
-        sampled = torch.minimum(p, q).sum(-1)
+        sampled = torch.minimum(f_p, q).sum(-1)
         greedy = q.gather(-1, greedy_tokens.unsqueeze(-1)).squeeze(-1)
     values = torch.where(is_greedy, greedy, sampled)
     return torch.where(drafted, values, torch.nan).float()

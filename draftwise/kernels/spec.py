@@ -13,17 +13,23 @@ Glossary (one speculative step of one row):
   ``num_accepted[b] + 1`` tokens, then ``PAD_TOKEN``.
 
 How the target distribution ``p`` is formed from ``target_logits`` (the same in every backend):
-NaN logits count as the lowest value and every logit is clamped to the float32 range, so a row
-of NaN or -inf is uniform and +inf entries share the mass; then temperature, top-k (keep a
-token when fewer than ``k`` logits are strictly larger; ties at the k-th value are kept) and
-top-p (keep a token when the mass of strictly more probable tokens is below ``top_p``; ties are
-kept or dropped together), in that order, as Hugging Face's warpers apply them.
+inputs are rounded to float32 (the math is float32); NaN logits count as the lowest value and
+every logit is clamped to the float32 range, so a row of NaN or -inf is uniform and +inf entries
+share the mass; then temperature, top-k (keep a token when fewer than ``k`` logits are strictly
+larger; ties at the k-th value are kept) and top-p (keep a token when the weight of strictly
+larger logits is below ``top_p`` of the weight kept by top-k; ties are kept or dropped
+together), in that order, as Hugging Face's warpers apply them.
+
+Sampling at the emitted position j is an exponential race: ``argmax_v r(v) / E_v`` with
+``E_v = -log(1 - t_v)`` ~ Exp(1) samples ``norm(r)`` exactly (lowest index on ties).
 
 Randomness: Philox4x32-10 keyed by the row's 64-bit seed; the counter is ``(v, position,
-stream, 0)`` with stream 0 for the acceptance draw (v = 0) and stream 1 for the exponential race
-over the vocabulary. Word 0 of the output gives ``u = ((x >> 9) + 0.5) / 2**23``, exact in
-float32 and strictly inside (0, 1). A row's tokens therefore depend on its seed and inputs only,
-never on the batch.
+stream, 0)`` with stream 0 for the acceptance draw (v = 0) and stream 1 for the race over the
+vocabulary. Of word 0, x, the acceptance draw is ``u = ((x >> 9) + 0.5) / 2**23`` (exact in
+float32, strictly inside (0, 1)) and the race draw is ``t = float32(x | 1) / 2**32`` (in (0, 1],
+full float32 precision near 0, where the race is decided, so ties stay at float32 rounding
+level even over 10**5 equally likely tokens). A row's tokens therefore depend on its seed and
+inputs only, never on the batch.
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ class VerifyOutput(NamedTuple):
 
     output_tokens: ``[B, K+1]`` int64, accepted tokens then the recovered or bonus token, then -1.
     num_accepted: ``[B]`` int64.
-    accept_probs: ``[B, K]`` float32, ``sum_v min(p_i(v), q_i(v))`` per drafted position (NaN on
-        padded positions), or ``None`` when not asked for.
+    accept_probs: ``[B, K]`` float32, the probability that a draft from q_i passes position i:
+        ``sum_v min(p_i(v), q_i(v))`` (``sum_v min(q_i, f(p_i))`` with lenience; ``q_i(argmax p_i)``
+        for greedy rows), NaN on padded positions; ``None`` when not asked for.
     """
 
     output_tokens: torch.Tensor
@@ -55,11 +62,11 @@ class VerifyOutput(NamedTuple):
 
 
 class Uniforms(NamedTuple):
-    """Injected noise, each value strictly inside (0, 1).
+    """Injected noise, float32-exact values (backends read them as float32).
 
-    accept: ``[B, K]``, the draw ``u`` of each acceptance test ``u * q(x) < f(p(x))``.
-    race: ``[B, K+1, V]``, the race noise: the emitted token at position j is
-        ``argmax_v r(v) / -log(race[b, j, v])``.
+    accept: ``[B, K]`` in (0, 1), the draw ``u`` of each acceptance test ``u * q(x) < f(p(x))``.
+    race: ``[B, K+1, V]`` in (0, 1], the race draws: the emitted token at position j is
+        ``argmax_v r(v) / -log(1 - race[b, j, v])``.
     """
 
     accept: torch.Tensor

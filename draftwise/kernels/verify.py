@@ -10,7 +10,7 @@ Two launches per call, nothing of size V written to memory:
    row each). It also resets the per-row scratch that launch 2 combines into.
 2. ``_chain_sample_kernel``, grid ``(B, P, C2)``: every program combines the ``(K+1) x C1``
    partials of its row, decides acceptance for the whole row (the same answer in every program),
-   then races over its chunk at the emitted position j: ``argmax_v r(v) / -log(u_v)`` over the
+   then races over its chunk at the emitted position j: ``argmax_v r(v) / E_v`` over the
    residual ``r = max(0, p - q)`` and over ``p`` in the same pass. Chunk winners meet in
    ``tl.atomic_max`` on ``(float32 score bits << 32) | (2**31 - 1 - v)`` (higher score, then lower
    index wins); the last program of the row to arrive (an atomic counter) writes its outputs,
@@ -47,8 +47,8 @@ _KEY_B = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
-def philox_uniform(seed, c0, c1, c2):
-    """Philox4x32-10 keyed by int64 ``seed``, counter ``(c0, c1, c2, 0)``: word 0 as a uniform in (0, 1)."""
+def philox_word(seed, c0, c1, c2):
+    """Word 0 of Philox4x32-10 keyed by int64 ``seed``, counter ``(c0, c1, c2, 0)``, as uint32."""
     zero = c0 * 0 + c1 * 0 + c2 * 0  # every word at the counters' common shape
     k0 = ((zero + seed) & 0xFFFFFFFF).to(tl.uint32)
     k1 = (((zero + seed) >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -64,7 +64,34 @@ def philox_uniform(seed, c0, c1, c2):
         c3 = a * _ROUND_A
         k0 = k0 + _KEY_A
         k1 = k1 + _KEY_B
-    return ((c0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    return c0
+
+
+@triton.jit
+def philox_uniform(seed, c0, c1, c2):
+    """The acceptance draw ``((x >> 9) + 0.5) / 2**23``: exact in float32, inside (0, 1)."""
+    return ((philox_word(seed, c0, c1, c2) >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def _race_exponential(t):
+    """E = -log(1 - t) ~ Exp(1) for a race draw t in (0, 1], precise for small t (Kahan's log1p:
+    -log(y) * t / (1 - y) with y = 1 - t rounded; t when y rounds to 1; +inf at t = 1)."""
+    y = 1.0 - t
+    e = -tl.log(y) * t / (1.0 - y)
+    return tl.where(y == 1.0, t, tl.where(y > 0.0, e, float("inf")))
+
+
+@triton.jit
+def _lenient(p, lenience_arg, LENIENCE: tl.constexpr):
+    """f(p): p / eps or p / eps**2 (lenience_arg is the divisor), p ** eps, or p."""
+    if LENIENCE == 1 or LENIENCE == 2:
+        f = p / lenience_arg
+    elif LENIENCE == 3:
+        f = tl.where(p > 0, tl.exp2(lenience_arg * tl.log2(tl.where(p > 0, p, 1.0))), 0.0)
+    else:
+        f = p
+    return f
 
 
 @triton.jit
@@ -245,7 +272,7 @@ def _chain_sample_kernel(
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # p_i(v) = [l >= thr_i] exp((l - M_i) / t) / S_i from the partials; accept x_i iff
-    # u_i q_i(x_i) < f(p_i(x_i)); emitted token: argmax_v max(0, p_j - q_j)(v) / -log(u_v), or over
+    # u_i q_i(x_i) < f(p_i(x_i)); emitted token: argmax_v max(0, p_j - q_j)(v) / E_v, or over
     # p_j when that residual is all zero. Reads one chunk of logits (and q, race noise) at j only.
     b = tl.program_id(0)
     c = tl.program_id(2)
@@ -287,12 +314,7 @@ def _chain_sample_kernel(
     else:
         seed = tl.load(seeds_ptr + b)
         u = philox_uniform(seed, i * 0, i, 0)
-    if LENIENCE == 1 or LENIENCE == 2:
-        f = p_x / lenience_arg
-    elif LENIENCE == 3:
-        f = tl.where(p_x > 0, tl.exp2(lenience_arg * tl.log2(tl.where(p_x > 0, p_x, 1.0))), 0.0)
-    else:
-        f = p_x
+    f = _lenient(p_x, lenience_arg, LENIENCE)
     accepted = drafted & tl.where(greedy, x == arg, u * q_x < f)
     j = tl.min(tl.where(accepted, BLOCK_K, i), 0)
 
@@ -333,10 +355,10 @@ def _chain_sample_kernel(
         else:
             q = tl.where(v == x_w, 1.0, 0.0)
         if HAS_UNIFORMS:
-            noise = tl.load(u_ptr + v, mask=mask, other=0.5).to(tl.float32)
+            draw = tl.load(u_ptr + v, mask=mask, other=0.5).to(tl.float32)
         else:
-            noise = philox_uniform(seed, v, w, 1)
-        e = tl.maximum(-tl.log(noise), 1.1754943508222875e-38)
+            draw = (philox_word(seed, v, w, 1) | 1).to(tl.float32) * 2.3283064365386963e-10
+        e = _race_exponential(draw)
         r = tl.maximum(p - q, 0.0)
         score_r = tl.where(mask & (r > 0), r / e, -1.0)
         score_p = tl.where(mask, p / e, -1.0)
@@ -345,7 +367,7 @@ def _chain_sample_kernel(
         best_r = tl.maximum(best_r, score_r)
         best_p = tl.maximum(best_p, score_p)
         if MIN_SUMS:
-            overlap += tl.minimum(p, q)
+            overlap += tl.minimum(_lenient(p, lenience_arg, LENIENCE), q)
 
     key_r = _race_key(best_r, arg_r, vocab)
     key_p = _race_key(best_p, arg_p, vocab)
@@ -372,7 +394,7 @@ def _chain_sample_kernel(
                                       i < num_drafted)
             else:
                 greedy_value = (x == arg).to(tl.float32)
-            value = tl.where(i < num_drafted, tl.where(greedy, greedy_value, p_x), float("nan"))
+            value = tl.where(i < num_drafted, tl.where(greedy, greedy_value, tl.minimum(f, 1.0)), float("nan"))
             if MIN_SUMS:  # the chunks' atomic sums stay where they were added
                 store = (i < k_max) & (i >= tl.where(greedy, 0, num_drafted))
             else:
