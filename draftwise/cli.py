@@ -1,4 +1,4 @@
-"""Command line: ``draftwise demo``."""
+"""Command line: ``draftwise demo`` (the main job) and ``draftwise verify-demo`` (the kernel alone)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,72 @@ import time
 import torch
 
 
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
 def _demo(args: argparse.Namespace) -> int:
+    """Speculative decoding on the default pair, side by side with the target alone and with
+    Hugging Face's assisted generation, on real prompts."""
+    import draftwise
+    from draftwise.defaults import demo_prompts, load_default
+
+    torch.manual_seed(0)
+    target, tokenizer, draft = load_default()
+    prompts = demo_prompts(tokenizer)[: args.prompts]
+    common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    runs = {
+        "target alone": lambda inputs: target.generate(**inputs, **common),
+        f"HF assisted (gamma {args.gamma})": lambda inputs: target.generate(
+            **inputs, assistant_model=draft, num_assistant_tokens=args.gamma,
+            num_assistant_tokens_schedule="constant", **common),
+        f"draftwise (gamma {args.gamma})": lambda inputs: draftwise.generate(
+            target, **inputs, assistant_model=draft, num_assistant_tokens=args.gamma,
+            return_dict_in_generate=True, **common),
+        "draftwise (adaptive gamma)": lambda inputs: draftwise.generate(
+            target, **inputs, assistant_model=draft, return_dict_in_generate=True, **common),
+    }
+    warm = tokenizer(prompts[0], return_tensors="pt")
+    for run in runs.values():  # warm-up: thread pools, allocator, first-call set-up
+        run(warm)
+    totals = {name: [0.0, 0, []] for name in runs}  # seconds, new tokens, stats
+    print(f"target: {type(target).__name__} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M parameters), "
+          f"draft: {draft.config.num_hidden_layers} of its layers; greedy, {args.max_new_tokens} new tokens per prompt\n")
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        width = inputs["input_ids"].shape[1]
+        reference = None
+        for name, run in runs.items():
+            seconds, out = _timed(lambda: run(inputs))
+            sequences = out.sequences if hasattr(out, "sequences") else out
+            new = sequences[0, width:]
+            new = new[new != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else new
+            totals[name][0] += seconds
+            totals[name][1] += len(new)
+            if getattr(out, "spec_stats", None) is not None:
+                totals[name][2].append(out.spec_stats)
+            if reference is None:
+                reference = sequences
+                print("-" * 100)
+                print(tokenizer.decode(new, skip_special_tokens=True).strip()[:600])
+            elif not torch.equal(sequences, reference):
+                print(f"  [{name}: output differs from the target's own greedy output]")
+    base = totals["target alone"][1] / totals["target alone"][0]
+    print("-" * 100)
+    print(f"\n{'':30} {'tokens/s':>9} {'speedup':>8} {'alpha':>6} {'tau':>5}")
+    for name, (seconds, tokens, stats) in totals.items():
+        rate = tokens / seconds
+        alpha = tau = ""
+        if stats:
+            alpha = f"{sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats)):.3f}"
+            tau = f"{sum(s.emitted for s in stats) / max(1, sum(s.row_steps for s in stats)):.2f}"
+        print(f"{name:30} {rate:9.1f} {rate / base:7.2f}x {alpha:>6} {tau:>5}")
+    return 0
+
+
+def _verify_demo(args: argparse.Namespace) -> int:
     """One verification step on a batch shaped like a real model's, on every available backend."""
     from draftwise.kernels import available_backends, verify_chain
 
@@ -43,11 +108,16 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="draftwise", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the verification kernel on a realistic batch")
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--k", type=int, default=4, help="drafted tokens per row")
-    demo.add_argument("--vocab", type=int, default=49152)
-    demo.add_argument("--repeats", type=int, default=20)
+    demo = commands.add_parser("demo", help="speculative decoding on the default model pair, vs the target alone")
+    demo.add_argument("--prompts", type=int, default=4, help="how many of the demo prompts")
+    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--gamma", type=int, default=4, help="drafted tokens per step for the fixed-gamma runs")
     demo.set_defaults(run=_demo)
+    kernel = commands.add_parser("verify-demo", help="the verification kernel alone on a realistic batch")
+    kernel.add_argument("--batch", type=int, default=8)
+    kernel.add_argument("--k", type=int, default=4, help="drafted tokens per row")
+    kernel.add_argument("--vocab", type=int, default=49152)
+    kernel.add_argument("--repeats", type=int, default=20)
+    kernel.set_defaults(run=_verify_demo)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -1,0 +1,160 @@
+"""End-to-end decoding speed on the default pair: the target alone, Hugging Face's assisted
+generation (batch 1, where it can) and draftwise, side by side in one run.
+
+    python bench/bench_generate.py                 # the full sweep -> bench/results/generate_cpu.*
+    python bench/bench_generate.py --quick         # fewer prompts and gammas
+
+For every (batch, mode, gamma): tokens per second over the same real prompts (the demo's), and
+for draftwise alpha, tau and the time split (draft / target / verify / other). "other" is the
+engine's own overhead: time outside the model forwards and the verification kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import draftwise
+from draftwise.defaults import DEFAULT_DRAFT, demo_prompts, load_default
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _batches(tokenizer, prompts: list[str], batch: int) -> list[dict]:
+    tokenizer.padding_side = "left"
+    return [tokenizer(prompts[i: i + batch], return_tensors="pt", padding=True)
+            for i in range(0, len(prompts) - batch + 1, batch)]
+
+
+def _new_tokens(sequences: torch.Tensor, width: int, pad: int) -> int:
+    return int((sequences[:, width:] != pad).sum())
+
+
+def _measure(name, run, batches, pad) -> dict:
+    tokens, seconds, stats = 0, 0.0, []
+    for inputs in batches:
+        start = time.perf_counter()
+        out = run(inputs)
+        seconds += time.perf_counter() - start
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        tokens += _new_tokens(sequences, inputs["input_ids"].shape[1], pad)
+        if getattr(out, "spec_stats", None) is not None:
+            stats.append(out.spec_stats)
+    row = {"provider": name, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
+    if stats:
+        total = lambda field: sum(getattr(s, field) for s in stats)  # noqa: E731
+        row.update(
+            alpha=total("accepted") / max(1, total("drafted")),
+            tau=total("emitted") / max(1, total("row_steps")),
+            time_draft=total("time_draft"), time_target=total("time_target"),
+            time_verify=total("time_verify"), time_other=total("time_other"),
+        )
+        row["overhead"] = (row["time_verify"] + row["time_other"]) / seconds
+    return row
+
+
+def sweep(args) -> dict:
+    torch.manual_seed(0)
+    target, tokenizer, draft = load_default()
+    pad = tokenizer.pad_token_id
+    prompts = demo_prompts(tokenizer)[: args.prompts]
+    results = []
+    for mode in args.modes:
+        sample = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+        common = dict(max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sample)
+        for batch in args.batches:
+            batches = _batches(tokenizer, prompts, batch)
+            target.generate(**batches[0], **{**common, "max_new_tokens": 8})  # warm-up
+            base = _measure("target", lambda x: target.generate(**x, **common), batches, pad)
+            results.append({"batch": batch, "mode": mode, "gamma": 0, **base})
+            print(json.dumps(results[-1]))
+            for gamma in args.gammas:
+                runs = {"draftwise": lambda x: draftwise.generate(
+                    target, **x, assistant_model=draft, num_assistant_tokens=gamma, seed=0,
+                    return_dict_in_generate=True, **common)}
+                if batch == 1:  # Hugging Face's assisted generation takes one row only
+                    runs["hf-assisted"] = lambda x: target.generate(
+                        **x, assistant_model=draft, num_assistant_tokens=gamma,
+                        num_assistant_tokens_schedule="constant", **common)
+                for name, run in runs.items():
+                    row = _measure(name, run, batches, pad)
+                    row["speedup_vs_target"] = row["tokens_per_second"] / base["tokens_per_second"]
+                    results.append({"batch": batch, "mode": mode, "gamma": gamma, **row})
+                    print(json.dumps(results[-1]))
+    return {
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "draftwise": draftwise.__version__},
+        "target": "SmolLM2-135M-Instruct (fp32)", "draft": repr(DEFAULT_DRAFT),
+        "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "results": results,
+    }
+
+
+def table(report: dict) -> str:
+    lines = ["| batch | mode | gamma | provider | tok/s | × target | alpha | tau | draft s | target s | verify s | other s | overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        extra = [f"{r[k]:.3f}" if k in r else "–" for k in ("alpha",)] + [f"{r['tau']:.2f}" if "tau" in r else "–"]
+        times = [f"{r[k]:.2f}" if k in r else "–" for k in ("time_draft", "time_target", "time_verify", "time_other")]
+        overhead = f"{100 * r['overhead']:.1f}%" if "overhead" in r else "–"
+        speedup = f"{r.get('speedup_vs_target', 1.0):.2f}"
+        lines.append(f"| {r['batch']} | {r['mode']} | {r['gamma'] or '–'} | {r['provider']} | "
+                     f"{r['tokens_per_second']:.1f} | {speedup} | {' | '.join(extra)} | {' | '.join(times)} | {overhead} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in report["results"]})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        rows = [r for r in report["results"] if r["mode"] == mode]
+        for batch in sorted({r["batch"] for r in rows}):
+            for provider in ("draftwise", "hf-assisted"):
+                points = sorted((r["gamma"], r["tokens_per_second"]) for r in rows
+                                if r["batch"] == batch and r["provider"] == provider)
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=f"{provider}, batch {batch}")
+            base = next(r["tokens_per_second"] for r in rows if r["batch"] == batch and r["provider"] == "target")
+            ax.axhline(base, linestyle="--", color="gray", linewidth=1)
+            ax.annotate(f"target alone, batch {batch}", (0.5, base), fontsize=8, color="gray")
+        ax.set(title=f"{mode}: {report['target']}", xlabel="drafted tokens per step (gamma)", ylabel="tokens / s")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 prompts, gammas 2 and 4, greedy")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--out", default=str(RESULTS / "generate_cpu"))
+    args = parser.parse_args()
+    args.batches, args.modes, args.gammas = (1, 4), ("greedy", "T1"), (1, 2, 4, 6, 8)
+    if args.quick:
+        args.prompts, args.modes, args.gammas, args.batches = 4, ("greedy",), (2, 4), (1, 4)
+    report = sweep(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(table(report) + "\n")
+    try:
+        plot(report, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()

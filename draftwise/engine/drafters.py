@@ -1,0 +1,114 @@
+"""Drafters: what proposes the tokens the target verifies.
+
+A drafter sees the committed tokens (:class:`TokenBuffer`) and proposes ``gamma`` tokens per row:
+``Draft(tokens [B, gamma], probs [B, gamma, V] | None)``. ``tokens`` may end in ``PAD_TOKEN``
+where a row has fewer proposals; ``probs`` is the distribution each token was drawn from, or
+``None`` for one-hot proposals (greedy drafts, prompt lookup). After verification the loop calls
+``rollback(valid)``: slots at or past ``valid[b]`` hold tokens that were not committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from draftwise.kernels import PAD_TOKEN
+
+from .models import ModelRunner
+from .sampling import Sampling
+from .sequence import TokenBuffer
+
+
+@dataclasses.dataclass
+class Draft:
+    tokens: torch.Tensor  # [B, gamma] int64, PAD_TOKEN after a row's proposals
+    probs: Optional[torch.Tensor]  # [B, gamma, V] float32, or None for one-hot proposals
+
+
+class ModelDrafter:
+    """A draft model with its own KV cache. Before drafting it runs only the committed tokens it
+    has not seen (the last emitted token, plus the last accepted draft when all were accepted)."""
+
+    def __init__(self, model, name: str | None = None):
+        self.model = model
+        self.name = name or type(model).__name__
+        self.runner: ModelRunner | None = None
+        self.vocab: int | None = None  # the target's logits width
+
+    def start(self, buffer: TokenBuffer, attention_mask: torch.Tensor, vocab: int) -> None:
+        batch = buffer.tokens.shape[0]
+        if self.runner is None or self.runner.cache.capacity < buffer.capacity or self.runner.batch_size != batch:
+            self.runner = ModelRunner(self.model, batch_size=batch, capacity=buffer.capacity)
+        self.runner.reset()
+        self.vocab = vocab
+        prompt = buffer.tokens[:, : buffer.prompt_length].clamp(min=0)
+        self.runner.prefill(prompt, attention_mask, last_only=True)
+
+    def propose(self, buffer: TokenBuffer, gamma: int, sampling: Sampling) -> Draft:
+        unseen, counts = buffer.tail(self.runner.lengths)
+        logits = self.runner.extend(unseen.clamp(min=0), num_valid=counts)
+        last = logits[torch.arange(len(counts), device=counts.device), counts - 1]
+        tokens, probs = [], []
+        for i in range(gamma):
+            token, q = sampling.draw(self._fit_vocab(last))
+            tokens.append(token)
+            probs.append(q)
+            if i + 1 < gamma:
+                last = self.runner.extend(token.view(-1, 1))[:, 0]
+        return Draft(torch.stack(tokens, 1), None if probs[0] is None else torch.stack(probs, 1))
+
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits at the target's width: ids past it are never proposed; missing ids get -inf."""
+        width = logits.shape[-1]
+        if width >= self.vocab:
+            return logits[:, : self.vocab]
+        return torch.nn.functional.pad(logits, (0, self.vocab - width), value=-torch.inf)
+
+    def rollback(self, valid: torch.Tensor) -> None:
+        self.runner.rollback(torch.minimum(self.runner.lengths, valid))
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.runner.select_rows(rows)
+
+
+class PromptLookupDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the row's last n tokens (n from
+    ``max_ngram`` down to 1) in its prompt and output, and propose the tokens that followed it.
+    Proposals are one-hot, so verification stays exact; rows without a match propose nothing."""
+
+    def __init__(self, max_ngram: int = 2, name: str = "prompt-lookup"):
+        if max_ngram < 1:
+            raise ValueError(f"max_ngram: expected >= 1, got {max_ngram}")
+        self.max_ngram = max_ngram
+        self.name = name
+
+    def start(self, buffer: TokenBuffer, attention_mask: torch.Tensor, vocab: int) -> None:
+        pass
+
+    def propose(self, buffer: TokenBuffer, gamma: int, sampling: Sampling) -> Draft:
+        tokens, lengths = buffer.tokens, buffer.lengths
+        batch, capacity = tokens.shape
+        found = torch.full((batch,), -1, dtype=torch.int64, device=tokens.device)  # continuation start
+        for n in range(self.max_ngram, 0, -1):
+            if capacity <= n:
+                continue
+            pattern = tokens.gather(1, (lengths.view(-1, 1) - n + torch.arange(n, device=tokens.device)).clamp(min=0))
+            windows = tokens.unfold(1, n, 1)  # [B, capacity - n + 1, n]
+            starts = torch.arange(windows.shape[1], device=tokens.device).view(1, -1)
+            match = (windows == pattern.unsqueeze(1)).all(-1)
+            match &= (starts >= buffer.starts.view(-1, 1)) & (starts + n < lengths.view(-1, 1))
+            latest = torch.where(match, starts + n, -1).amax(-1)
+            found = torch.where(found < 0, latest, found)
+        columns = found.view(-1, 1) + torch.arange(gamma, device=tokens.device).view(1, -1)
+        proposal = tokens.gather(1, columns.clamp(0, capacity - 1))
+        usable = (found.view(-1, 1) >= 0) & (columns < lengths.view(-1, 1))
+        usable = usable.long().cumprod(-1).bool()
+        return Draft(torch.where(usable, proposal, PAD_TOKEN), None)
+
+    def rollback(self, valid: torch.Tensor) -> None:
+        pass
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        pass

@@ -1,0 +1,241 @@
+"""Drop-in ``generate()``: Hugging Face's names and return types, speculative underneath."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from draftwise.kernels import get_implementation, resolve_backend
+
+from .drafters import ModelDrafter, PromptLookupDrafter
+from .models import ModelRunner
+from .sampling import Sampling
+from .sequence import TokenBuffer
+from .speculate import Decoder, GammaSchedule, StopCriteria
+from .stats import SpecStats
+
+# Hugging Face's defaults for what neither the call nor the model's generation config sets.
+HF_DEFAULTS = dict(max_length=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0)
+SUPPORTED = (
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "prompt_lookup_num_tokens",
+    "max_matching_ngram_size", "eos_token_id", "pad_token_id", "seed", "streamer", "stop_strings",
+    "tokenizer", "return_dict_in_generate", "use_cache", "generation_config",
+)
+DEFAULT_GAMMA = 4
+MAX_GAMMA = 12
+
+
+@dataclasses.dataclass
+class SpeculativeOutput(GenerateDecoderOnlyOutput):
+    """Hugging Face's decoder-only output with the speculative statistics added."""
+
+    spec_stats: Optional[SpecStats] = None
+
+
+def _vocab_width(model) -> int:
+    embeddings = model.get_output_embeddings()
+    return embeddings.weight.shape[0] if embeddings is not None else model.config.vocab_size
+
+
+def _as_drafter(draft, name: str):
+    if isinstance(draft, (ModelDrafter, PromptLookupDrafter)):
+        return draft
+    if isinstance(draft, torch.nn.Module):
+        return ModelDrafter(draft, name=name)
+    raise TypeError(f"drafts: expected models or drafters, got {type(draft).__name__}")
+
+
+def _check_vocabulary(target, drafter, tokenizer) -> None:
+    """Drafts must share the target's vocabulary (padding past the tokenizer's is fine)."""
+    if not isinstance(drafter, ModelDrafter):
+        return
+    target_vocab, draft_vocab = target.config.vocab_size, drafter.model.config.vocab_size
+    if target_vocab == draft_vocab:
+        return
+    real = len(tokenizer) if tokenizer is not None else None
+    if real is not None and real <= min(target_vocab, draft_vocab):
+        return
+    hint = "" if real is not None else " (if both only pad the same tokenizer's vocabulary, pass tokenizer=)"
+    raise ValueError(
+        f"drafts: {drafter.name} has a vocabulary of {draft_vocab} tokens, the target {target_vocab}; "
+        f"drafts must use the target's tokenizer{hint}"
+    )
+
+
+class SpeculativeEngine:
+    """A target and its drafts, set up once for repeated ``generate`` calls.
+
+    ``drafts``: draft models (each gets its own KV cache), drafters (``ModelDrafter``,
+    ``PromptLookupDrafter``), or nothing (plain decoding through the engine). With several drafts
+    each step picks one by its measured speed. ``backend`` picks the verification kernel once.
+    """
+
+    def __init__(self, target, drafts: Sequence = (), *, tokenizer=None, backend: str | None = None):
+        self.target = target
+        self.tokenizer = tokenizer
+        self.device = next(target.parameters()).device
+        self.drafters = [_as_drafter(d, f"draft{i}" if len(drafts) > 1 else "draft") for i, d in enumerate(drafts)]
+        for drafter in self.drafters:
+            _check_vocabulary(target, drafter, tokenizer)
+        if len({d.name for d in self.drafters}) != len(self.drafters):
+            raise ValueError("drafts: every drafter needs its own name")
+        self.backend = resolve_backend(backend, self.device)
+        self.verify = get_implementation(self.backend)
+        self.runner: ModelRunner | None = None
+
+    def _runner(self, batch: int, capacity: int) -> ModelRunner:
+        if self.runner is None or self.runner.batch_size != batch or self.runner.cache.capacity < capacity:
+            self.runner = ModelRunner(self.target, batch_size=batch, capacity=capacity)
+        self.runner.reset()
+        return self.runner
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """See :func:`draftwise.generate`."""
+        options = _resolve(self.target, kwargs)
+        input_ids, attention_mask = _check_inputs(input_ids, attention_mask, self.device)
+        batch, width = input_ids.shape
+        max_new = options["max_new_tokens"]
+        gamma_max = max(options["gamma"], MAX_GAMMA)
+        capacity = width + max_new + gamma_max + 2
+        buffer = TokenBuffer.from_prompt(input_ids, attention_mask, capacity)
+        sampling = Sampling.build(batch, self.device, do_sample=options["do_sample"],
+                                  temperature=options["temperature"], top_k=options["top_k"],
+                                  top_p=options["top_p"], seed=options["seed"])
+        eos = options["eos_token_id"]
+        stop = StopCriteria(
+            max_new_tokens=max_new,
+            eos_token_ids=None if eos is None else torch.tensor(eos, device=self.device).view(-1),
+            stop_strings=options["stop_strings"], tokenizer=options["tokenizer"] or self.tokenizer,
+        )
+        drafters = list(self.drafters) + options["extra_drafters"]
+        schedules = [GammaSchedule(options["schedule"], options["gamma"], gamma_max) for _ in drafters]
+        stats = SpecStats()
+        streamer = options["streamer"]
+        if streamer is not None:
+            if batch != 1:
+                raise ValueError(f"streamer: streaming needs a batch of 1, got {batch} rows")
+            streamer.put(input_ids.cpu())
+        decoder = Decoder(
+            target=self._runner(batch, capacity), drafters=drafters, schedules=schedules,
+            verify=self.verify, sampling=sampling, stop=stop, stats=stats, streamer=streamer,
+            measure_accept_probs=options["return_dict_in_generate"],
+        )
+        with torch.inference_mode():
+            generated = decoder.run(buffer, attention_mask)
+        if streamer is not None:
+            streamer.end()
+        sequences = _assemble(input_ids, generated, options["pad_token_id"])
+        if options["return_dict_in_generate"]:
+            return SpeculativeOutput(sequences=sequences, spec_stats=stats)
+        return sequences
+
+
+def _check_inputs(input_ids, attention_mask, device):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids: expected an integer tensor of shape [batch, length], got {input_ids!r:.80}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids: expected at least one prompt token per row")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} like input_ids, "
+                         f"got {tuple(attention_mask.shape)}")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("attention_mask: prompts must be left-padded (every row's last position must be a token)")
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _resolve(model, kwargs: dict) -> dict:
+    """HF-style options: the call's value, else the model's generation config, else HF's default."""
+    unknown = sorted(set(kwargs) - set(SUPPORTED))
+    if unknown:
+        raise TypeError(f"generate: unsupported argument(s) {', '.join(unknown)}; supported: {', '.join(SUPPORTED)}")
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def pick(name):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        value = getattr(config, name, None) if config is not None else None
+        return value if value is not None else HF_DEFAULTS.get(name)
+
+    max_new = kwargs.get("max_new_tokens")
+    if max_new is None and kwargs.get("max_length") is None and getattr(config, "max_new_tokens", None):
+        max_new = config.max_new_tokens
+    if max_new is None:
+        raise ValueError("max_new_tokens: expected a positive int (max_length counting the prompt is not supported)")
+    if not isinstance(max_new, int) or max_new < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new!r}")
+    do_sample = bool(pick("do_sample"))
+    temperature = float(pick("temperature"))
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    top_p = float(pick("top_p"))
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
+    top_k = int(pick("top_k") or 0)
+    if top_k < 0:
+        raise ValueError(f"top_k: expected >= 0, got {top_k}")
+    eos = pick("eos_token_id")
+    pad = pick("pad_token_id")
+    if pad is None:
+        pad = eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 0)
+
+    gamma = kwargs.get("num_assistant_tokens")
+    schedule = kwargs.get("num_assistant_tokens_schedule") or ("constant" if gamma is not None else "adaptive")
+    extra = []
+    if kwargs.get("prompt_lookup_num_tokens") is not None:
+        gamma = gamma or kwargs["prompt_lookup_num_tokens"]
+        extra.append(PromptLookupDrafter(max_ngram=kwargs.get("max_matching_ngram_size") or 2))
+    gamma = DEFAULT_GAMMA if gamma is None else gamma
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"num_assistant_tokens: expected a positive int, got {gamma!r}")
+    seed = kwargs.get("seed")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    stop_strings = kwargs.get("stop_strings") or ()
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    if stop_strings and kwargs.get("tokenizer") is None:
+        raise ValueError("stop_strings: pass tokenizer= as well, to decode the generated tokens")
+    return dict(
+        max_new_tokens=max_new, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos, pad_token_id=pad, gamma=gamma, schedule=schedule, extra_drafters=extra,
+        seed=seed, streamer=kwargs.get("streamer"), stop_strings=tuple(stop_strings),
+        tokenizer=kwargs.get("tokenizer"), return_dict_in_generate=bool(kwargs.get("return_dict_in_generate")),
+    )
+
+
+def _assemble(input_ids: torch.Tensor, generated: list[torch.Tensor], pad_token_id: int) -> torch.Tensor:
+    """Prompts followed by each row's tokens, padded with ``pad_token_id`` to the longest row."""
+    longest = max(len(g) for g in generated)
+    out = torch.full((len(generated), input_ids.shape[1] + longest), pad_token_id,
+                     dtype=input_ids.dtype, device=input_ids.device)
+    out[:, : input_ids.shape[1]] = input_ids
+    for row, tokens in enumerate(generated):
+        out[row, input_ids.shape[1]: input_ids.shape[1] + len(tokens)] = tokens
+    return out
+
+
+def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None, drafts=None, **kwargs):
+    """Speculative ``model.generate``: the target's own output, faster.
+
+    Replace ``model.generate(**inputs, assistant_model=draft, ...)`` with
+    ``draftwise.generate(model, **inputs, assistant_model=draft, ...)``. Supported arguments keep
+    Hugging Face's names and meaning: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+    ``top_p``, ``num_assistant_tokens`` (fixed draft length; default: adaptive, from the measured
+    acceptance and costs), ``num_assistant_tokens_schedule`` ("constant", "heuristic",
+    "adaptive"), ``prompt_lookup_num_tokens``, ``max_matching_ngram_size``, ``eos_token_id``,
+    ``pad_token_id``, ``streamer``, ``stop_strings`` + ``tokenizer``, ``return_dict_in_generate``
+    (adds ``spec_stats``). ``drafts=[...]`` takes several draft models or drafters; ``seed`` makes
+    sampling reproducible. Batches of any size with left-padded prompts are supported. Any other
+    argument raises a ``TypeError`` that names it.
+    """
+    if input_ids is None:
+        raise ValueError("input_ids: required")
+    all_drafts = ([assistant_model] if assistant_model is not None else []) + list(drafts or [])
+    engine = SpeculativeEngine(model, all_drafts, tokenizer=kwargs.get("tokenizer"))
+    return engine.generate(input_ids, attention_mask, **kwargs)

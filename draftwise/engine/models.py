@@ -1,0 +1,275 @@
+"""Runs any transformers causal LM over an engine-owned :class:`~draftwise.engine.cache.KVCache`.
+
+The model is driven through transformers' own extension points only:
+
+- ``past_key_values=KVCache``: each attention layer writes its new keys/values at every row's own
+  length and attends over slots ``[0, S)``;
+- ``position_ids [B, T]``: ``position = slot - starts_b`` (each row counts from its first real token);
+- ``attention_mask [B, 1, T, S]``: a 4-D mask, which ``create_causal_mask`` passes through unchanged.
+  Query t of row b (at slot ``lengths_b + t``) may attend slot s iff
+  ``starts_b <= s <= lengths_b + t``; a query on left padding attends only itself, so that no
+  softmax row is empty (an empty row gives NaN, which would reach the next layer's keys and
+  values). ``sdpa`` gets it as bool, ``eager`` as an additive float mask (0 or the dtype's min).
+
+Host syncs: none in :meth:`ModelRunner.extend` while the cache's host-side bound of
+``max(lengths)`` keeps every row within the capacity (see ``KVCache``); near the capacity, one sync
+reads the exact lengths. ``prefill`` validates the attention mask (one sync); ``rollback`` and
+``select_rows`` validate their argument (one sync each).
+
+Token trees slot in without a new cache: a tree forward writes its T nodes at
+``[lengths_b, lengths_b + T)`` like ``extend``, with positions ``lengths_b - starts_b + depth`` and the
+tree's ancestor bits in place of the causal block of the mask; ``KVCache.commit_path`` then moves the
+accepted path to consecutive slots and commits it.
+
+Not supported (rejected when the runner is built): sliding-window / chunked / linear-attention
+layers (their masks would need the window in the 4-D mask), and attention implementations other
+than ``sdpa`` and ``eager`` (flash-attention kernels take no arbitrary 4-D mask).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+
+__all__ = ["ModelRunner"]
+
+_MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _cache_geometry(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) from a config; GPT-2 / GPT-NeoX have no ``num_key_value_heads``."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return layers, kv_heads, head_dim
+
+
+def _check_layer_types(config) -> None:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        windowed = getattr(config, "sliding_window", None) is not None
+        chunked = getattr(config, "attention_chunk_size", None) is not None
+        layer_types = ["sliding_attention" if windowed else "chunked_attention" if chunked else "full_attention"]
+    other = sorted(set(layer_types) - {"full_attention"})
+    if other:
+        raise ValueError(
+            f"ModelRunner: only full-attention layers are supported, the model has {other} layers "
+            "(sliding-window, chunked and linear attention need their own masks/caches)"
+        )
+
+
+class ModelRunner:
+    """A causal LM, its preallocated KV cache, and the three calls of a decode loop.
+
+    Args:
+        model: a transformers causal LM (``...ForCausalLM``), full-attention layers, ``sdpa`` or
+            ``eager`` attention. Put it in eval mode yourself; forwards run under
+            ``torch.inference_mode()``.
+        batch_size: rows allocated in the cache (``prefill`` may use fewer).
+        capacity: slots per row: the prompt (padding included) plus every token ever appended,
+            plus the T of the widest forward (drafted tokens are written before they are accepted).
+
+    Attributes:
+        model, cache (:class:`KVCache`), vocab_size (width of the logits; may exceed the tokenizer's
+        vocabulary when the embeddings are padded).
+
+    The logits returned by ``prefill``/``extend`` are inference tensors: edit them in place only
+    under ``torch.inference_mode()``, or clone them first.
+    """
+
+    def __init__(self, model, batch_size: int, capacity: int):
+        config = _text_config(model)
+        attn = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attn not in _MASKED_ATTENTION:
+            raise ValueError(
+                f"ModelRunner: attention implementation {attn!r} is not supported; load the model with "
+                f"attn_implementation in {_MASKED_ATTENTION}"
+            )
+        _check_layer_types(config)
+        layers, kv_heads, head_dim = _cache_geometry(config)
+        param = next(model.parameters())
+        self.model = model
+        self.attn_implementation = attn
+        self.cache = KVCache(
+            layers,
+            batch_size,
+            kv_heads,
+            head_dim,
+            capacity,
+            dtype=param.dtype,
+            device=param.device,
+            capacity_hint="the `capacity` (or `max_length`) argument of the runner",
+        )
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        weight = getattr(head, "weight", None)
+        self.vocab_size = int(weight.shape[0]) if weight is not None else int(config.vocab_size)
+        self.device = param.device
+        self.dtype = param.dtype
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """LongTensor [B]: committed slots per row (a snapshot: the runner replaces, never mutates it)."""
+        return self.cache.lengths
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """LongTensor [B]: first valid slot per row (number of left-padding tokens of its prompt)."""
+        return self.cache.starts
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    def rollback(self, lengths: torch.Tensor) -> None:
+        """Move each row back to ``lengths_b`` (at most its current length). O(1), one validation sync."""
+        self.cache.rollback(lengths)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (indices into the live batch), in that order."""
+        self.cache.select_rows(rows)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    # ------------------------------------------------------------------ forwards
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Start new sequences from left-padded prompts.
+
+        Args:
+            input_ids: LongTensor [B, T] (B at most the allocated batch size).
+            attention_mask: [B, T] of 0/1, zeros only on the left (left padding); None: no padding.
+            last_only: return only the logits at each row's last prompt token.
+
+        Returns:
+            logits [B, T, V] (or [B, 1, V] with ``last_only``). Logits at padding positions are
+            meaningless. Afterwards ``lengths == T`` and ``starts_b`` = padding of row b.
+        """
+        self._check_tokens("input_ids", input_ids, None)
+        batch, steps = input_ids.shape
+        if batch > self.cache.max_batch_size:
+            raise ValueError(
+                f"ModelRunner.prefill: `input_ids` has {batch} rows, the cache was built for at most "
+                f"{self.cache.max_batch_size}"
+            )
+        if steps > self.cache.capacity:
+            raise ValueError(
+                f"KV cache full: the prompts need {steps} slots (padding included) but the capacity is "
+                f"{self.cache.capacity}; raise {self.cache.capacity_hint}"
+            )
+        if attention_mask is None:
+            starts = torch.zeros(batch, dtype=torch.long, device=self.device)
+        else:
+            starts = self._padding_from_mask(attention_mask, batch, steps)
+        self.cache.start(starts, batch)
+        # One int-advance: lengths become T and the host bound stays exact.
+        logits = self._forward(input_ids, logits_to_keep=1 if last_only else 0)
+        self.cache.advance(steps)
+        return logits
+
+    def extend(self, tokens: torch.Tensor, num_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Append T tokens per row at that row's length and return their logits [B, T, V].
+
+        Row b's tokens take slots ``[lengths_b, lengths_b + T)`` and positions
+        ``lengths_b - starts_b + t``. Then ``lengths += num_valid`` (default T): only the first
+        ``num_valid_b`` tokens of row b are committed; the others stay written but uncommitted
+        (hidden by the mask, overwritten by the next forward). ``num_valid`` must lie in [0, T]
+        (checked on the device, without a host sync). A speculative step can also commit all T
+        and ``rollback`` later.
+        """
+        self._check_tokens("tokens", tokens, self.cache.batch_size)
+        if num_valid is not None:
+            num_valid = torch.as_tensor(num_valid, device=self.device)
+            if num_valid.shape != (tokens.shape[0],) or num_valid.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"ModelRunner.extend: `num_valid` must be an integer tensor of shape [{tokens.shape[0]}], "
+                    f"got {tuple(num_valid.shape)} {num_valid.dtype}"
+                )
+            torch._assert_async(
+                ((num_valid >= 0) & (num_valid <= tokens.shape[1])).all(),
+                "ModelRunner.extend: `num_valid` must lie in [0, T]",
+            )
+        logits = self._forward(tokens)
+        self.cache.advance(tokens.shape[1] if num_valid is None else num_valid)
+        return logits
+
+    # ------------------------------------------------------------------ internals
+
+    def _forward(self, tokens: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        steps = tokens.shape[1]
+        kv_length = self.cache.prepare(steps)  # raises before anything is written if a row is full
+        cache = self.cache
+        slots = cache.lengths[:, None] + torch.arange(steps, device=self.device)  # [B, T]
+        position_ids = (slots - cache.starts[:, None]).clamp_min(0)  # padding queries: position 0
+        mask = self._attention_mask(slots, kv_length)
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            )
+        return out.logits
+
+    def _attention_mask(self, slots: torch.Tensor, kv_length: int) -> torch.Tensor:
+        """[B, 1, T, S]: query at ``slots[b, t]`` sees s iff ``starts_b <= s <= slots[b, t]``, or
+        ``s == slots[b, t]`` (a padding query sees itself only)."""
+        s = torch.arange(kv_length, device=self.device)
+        query = slots[:, :, None]  # [B, T, 1]
+        allowed = (s <= query) & ((s >= self.cache.starts[:, None, None]) | (s == query))
+        allowed = allowed[:, None]
+        if self.attn_implementation == "sdpa":
+            return allowed
+        zeros = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return zeros.masked_fill(~allowed, torch.finfo(self.dtype).min)
+
+    def _padding_from_mask(self, attention_mask, batch: int, steps: int) -> torch.Tensor:
+        mask = torch.as_tensor(attention_mask, device=self.device)
+        if mask.shape != (batch, steps):
+            raise ValueError(
+                f"ModelRunner.prefill: `attention_mask` must have the shape of `input_ids` {(batch, steps)}, "
+                f"got {tuple(mask.shape)}"
+            )
+        mask = mask.long()
+        kept = mask.sum(dim=1)
+        starts = steps - kept
+        # Left padding: row b is 0 on [0, starts_b) and 1 after. One sync to check it.
+        left_padded = mask == (torch.arange(steps, device=self.device) >= starts[:, None]).long()
+        ok, empty = torch.stack([left_padded.all(), (kept == 0).any()]).tolist()
+        if not ok:
+            raise ValueError(
+                "ModelRunner.prefill: `attention_mask` must be 0/1 with the zeros only on the left "
+                "(left-padded prompts)"
+            )
+        if empty:
+            raise ValueError("ModelRunner.prefill: every row of `attention_mask` needs at least one 1 (a token)")
+        return starts
+
+    def _check_tokens(self, name: str, tokens: torch.Tensor, batch: int | None) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
+            got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise TypeError(f"ModelRunner: `{name}` must be an integer tensor, got {got}")
+        if tokens.ndim != 2 or tokens.shape[1] == 0 or (batch is not None and tokens.shape[0] != batch):
+            rows = "B" if batch is None else batch
+            raise ValueError(
+                f"ModelRunner: `{name}` must have shape [{rows}, T] with T >= 1, got {tuple(tokens.shape)}"
+            )
+        if tokens.device != self.device:
+            raise ValueError(f"ModelRunner: `{name}` is on {tokens.device}, the model on {self.device}")

@@ -1,0 +1,105 @@
+"""SpecStats: what a speculative generation did, per call and per draft."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class SpecStats:
+    """Counters of verification steps (the prefill that emits the first token is not a step).
+
+    ``alpha`` (acceptance rate) = accepted / drafted; ``tau`` (block efficiency) = tokens emitted
+    per row per target call; ``analytic_alpha`` = mean of sum_v min(p, q) over drafted positions,
+    when it was measured. Times are seconds of wall clock.
+    """
+
+    target_calls: int = 0  # verification forwards of the target
+    row_steps: int = 0  # rows verified, summed over steps
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0  # tokens emitted by verification steps
+    new_tokens: int = 0  # every generated token, the prefill's first one included
+    drafted_at: list[int] = dataclasses.field(default_factory=list)  # per draft position
+    accepted_at: list[int] = dataclasses.field(default_factory=list)
+    accept_prob_sum: float = 0.0
+    accept_prob_count: int = 0
+    time_draft: float = 0.0
+    time_target: float = 0.0
+    time_verify: float = 0.0
+    time_total: float = 0.0
+    gammas: list[int] = dataclasses.field(default_factory=list)  # draft length of every step
+    per_draft: dict[str, "SpecStats"] = dataclasses.field(default_factory=dict)
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tau(self) -> float:
+        return self.emitted / self.row_steps if self.row_steps else float("nan")
+
+    @property
+    def analytic_alpha(self) -> float:
+        return self.accept_prob_sum / self.accept_prob_count if self.accept_prob_count else float("nan")
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d if d else float("nan") for a, d in zip(self.accepted_at, self.drafted_at)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.time_total if self.time_total else float("nan")
+
+    @property
+    def time_other(self) -> float:
+        return max(0.0, self.time_total - self.time_draft - self.time_target - self.time_verify)
+
+    def record_step(self, draft_tokens: torch.Tensor, num_accepted: torch.Tensor, emitted: torch.Tensor,
+                    accept_probs: torch.Tensor | None) -> tuple[int, int]:
+        """Count one verification step (one host transfer of a few numbers); returns this step's
+        ``(drafted, accepted)``."""
+        gamma = draft_tokens.shape[1]
+        drafted = draft_tokens >= 0
+        accepted = torch.arange(gamma, device=num_accepted.device).view(1, -1) < num_accepted.view(-1, 1)
+        numbers = [drafted.sum(0), accepted.sum(0), emitted.sum().view(1)]
+        if accept_probs is not None:
+            valid = ~accept_probs.isnan()
+            numbers += [accept_probs.nan_to_num(0.0).double().sum().view(1), valid.sum().view(1)]
+        flat = torch.cat([n.double() for n in numbers]).tolist()
+        drafted_at, accepted_at = flat[:gamma], flat[gamma: 2 * gamma]
+        self._grow(gamma)
+        for i in range(gamma):
+            self.drafted_at[i] += int(drafted_at[i])
+            self.accepted_at[i] += int(accepted_at[i])
+        self.drafted += int(sum(drafted_at))
+        self.accepted += int(sum(accepted_at))
+        self.emitted += int(flat[2 * gamma])
+        if accept_probs is not None:
+            self.accept_prob_sum += flat[2 * gamma + 1]
+            self.accept_prob_count += int(flat[2 * gamma + 2])
+        self.target_calls += 1
+        self.row_steps += len(num_accepted)
+        self.gammas.append(gamma)
+        return int(sum(drafted_at)), int(sum(accepted_at))
+
+    def _grow(self, size: int) -> None:
+        while len(self.drafted_at) < size:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+
+    def as_dict(self) -> dict:
+        """Every counter and derived figure, JSON-ready."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "per_draft"}
+        out.update(alpha=self.alpha, tau=self.tau, analytic_alpha=self.analytic_alpha,
+                   acceptance_per_position=self.acceptance_per_position,
+                   tokens_per_second=self.tokens_per_second, time_other=self.time_other)
+        out["per_draft"] = {name: stats.as_dict() for name, stats in self.per_draft.items()}
+        return out
+
+    def summary(self) -> str:
+        return (f"alpha {self.alpha:.3f}  tau {self.tau:.2f}  {self.tokens_per_second:.1f} tok/s  "
+                f"(draft {self.time_draft:.2f}s, target {self.time_target:.2f}s, verify {self.time_verify:.3f}s, "
+                f"other {self.time_other:.2f}s)")

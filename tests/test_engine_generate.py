@@ -1,0 +1,179 @@
+"""Tier 4: draftwise.generate gives the target's own output (greedy: token for token; sampling:
+the target's distribution), on tiny random models of several architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import draftwise
+from draftwise.engine import PromptLookupDrafter, SpeculativeEngine
+
+from test_distribution import ALPHA, chi_square
+from tiny_models import ARCHS, tiny_model
+
+PAD = 2
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request):
+    return request.param, tiny_model(request.param, layers=2, seed=0), tiny_model(request.param, layers=1, seed=1)
+
+
+def _prompts(batch: int, width: int = 7, seed: int = 0):
+    """Left-padded prompts of different lengths (row b loses b tokens to padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (batch, width), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        mask[row, : min(row, width - 1)] = 0
+    return ids * mask + PAD * (1 - mask), mask
+
+
+def _hf(model, ids, mask, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, **kwargs)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("drafts", ["one-draft", "two-drafts", "prompt-lookup", "self-draft"])
+def test_greedy_equals_hf_generate(pair, batch, drafts):
+    arch, target, draft = pair
+    ids, mask = _prompts(batch)
+    want = _hf(target, ids, mask, max_new_tokens=24, eos_token_id=None)
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    if drafts == "one-draft":
+        got = draftwise.generate(target, ids, mask, assistant_model=draft, **kwargs)
+    elif drafts == "two-drafts":
+        got = draftwise.generate(target, ids, mask, drafts=[draft, target], **kwargs)
+    elif drafts == "prompt-lookup":
+        got = draftwise.generate(target, ids, mask, prompt_lookup_num_tokens=4, **kwargs)
+    else:
+        got = draftwise.generate(target, ids, mask, assistant_model=target, **kwargs)
+    assert torch.equal(got, want), f"{arch}: speculative greedy output differs from model.generate"
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
+def test_max_new_tokens_reached_mid_block(pair, max_new_tokens):
+    _, target, _ = pair
+    ids, mask = _prompts(3)
+    want = _hf(target, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=None)
+    got = draftwise.generate(target, ids, mask, assistant_model=target, num_assistant_tokens=6,
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    assert torch.equal(got, want)
+
+
+def test_eos_inside_an_accepted_run(pair):
+    """The target drafting for itself accepts every token: an EOS in the middle of a run cuts it."""
+    _, target, _ = pair
+    ids, mask = _prompts(3)
+    free = _hf(target, ids, mask, max_new_tokens=16, eos_token_id=None)
+    eos = int(free[1, ids.shape[1] + 5])  # a token row 1 emits in the middle of its output
+    want = _hf(target, ids, mask, max_new_tokens=16, eos_token_id=eos)
+    got = draftwise.generate(target, ids, mask, assistant_model=target, num_assistant_tokens=8,
+                             max_new_tokens=16, do_sample=False, pad_token_id=PAD, eos_token_id=eos,
+                             return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want)
+    assert got.spec_stats.tau > 1.5  # the run really was accepted in blocks
+
+
+def test_engine_is_reusable_and_stats_add_up(pair):
+    _, target, draft = pair
+    engine = SpeculativeEngine(target, [draft])
+    ids, mask = _prompts(3)
+    want = _hf(target, ids, mask, max_new_tokens=12, eos_token_id=None)
+    for _ in range(2):
+        out = engine.generate(ids, mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                              eos_token_id=None, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, want)
+    stats = out.spec_stats
+    assert stats.new_tokens == 3 * 12
+    assert stats.emitted == stats.new_tokens - 3  # the prefill emits each row's first token
+    assert 0 <= stats.alpha <= 1 and stats.tau >= 1
+    assert stats.accepted == sum(stats.accepted_at) and stats.drafted == sum(stats.drafted_at)
+    assert 0 <= stats.analytic_alpha <= 1
+
+
+def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
+    from draftwise.engine.sequence import TokenBuffer
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 3, 4, 5, 6]])
+    buffer = TokenBuffer.from_prompt(ids, torch.ones_like(ids), capacity=20)
+    draft = PromptLookupDrafter(max_ngram=2).propose(buffer, 3, sampling=None)
+    assert draft.tokens.tolist() == [[3, 4, 5]]  # "5 6" last seen before "3 4 5 6"
+    buffer = TokenBuffer.from_prompt(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.int64), capacity=8)
+    assert PromptLookupDrafter().propose(buffer, 3, sampling=None).tokens.tolist() == [[-1, -1, -1]]
+
+
+def _first_two_token_law(target, prompt: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The exact law of the first two generated tokens, ``[V, V]``, by enumeration."""
+    with torch.no_grad():
+        first = torch.softmax(target(prompt).logits[0, -1].double() / temperature, -1)
+        vocab = first.shape[0]
+        seconds = prompt.repeat(vocab, 1)
+        seconds = torch.cat([seconds, torch.arange(vocab).view(-1, 1)], 1)
+        second = torch.softmax(target(seconds).logits[:, -1].double() / temperature, -1)
+    return first.view(-1, 1) * second
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sampling_follows_the_target_distribution(arch):
+    """Each row of a 20k-row batch is one trial (row b is seeded seed + b)."""
+    target = tiny_model(arch, layers=2, vocab=16, seed=0)
+    target.generation_config.eos_token_id = None  # no stop: every row samples two tokens
+    draft = tiny_model(arch, layers=1, vocab=16, seed=3)
+    prompt = torch.tensor([[3, 7, 5, 9]])
+    trials = 20_000
+    law = _first_two_token_law(target, prompt, temperature=0.8)
+    out = draftwise.generate(target, prompt.repeat(trials, 1), assistant_model=draft, num_assistant_tokens=3,
+                             max_new_tokens=2, do_sample=True, temperature=0.8, top_k=0, seed=11,
+                             pad_token_id=0, return_dict_in_generate=True)
+    pairs = out.sequences[:, -2] * 16 + out.sequences[:, -1]
+    fit = chi_square(torch.bincount(pairs, minlength=256), law.flatten())
+    assert fit.pvalue > ALPHA, f"joint law of the first two tokens: {fit}"
+    assert 0 < out.spec_stats.alpha < 1  # drafts were both accepted and rejected
+
+
+def test_same_seed_same_output():
+    target, draft = tiny_model("llama", seed=0), tiny_model("llama", layers=1, seed=1)
+    ids, mask = _prompts(3)
+    kwargs = dict(assistant_model=draft, max_new_tokens=16, do_sample=True, temperature=1.0, eos_token_id=None,
+                  pad_token_id=PAD)
+    first = draftwise.generate(target, ids, mask, seed=5, **kwargs)
+    assert torch.equal(first, draftwise.generate(target, ids, mask, seed=5, **kwargs))
+    assert not torch.equal(first, draftwise.generate(target, ids, mask, seed=6, **kwargs))
+
+
+def test_streamer_receives_every_token():
+    target = tiny_model("llama", seed=0)
+
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    ids, mask = _prompts(1)
+    streamer = Collect()
+    out = draftwise.generate(target, ids, mask, assistant_model=target, max_new_tokens=10, do_sample=False,
+                             eos_token_id=None, pad_token_id=PAD, streamer=streamer)
+    assert streamer.chunks[0] == ids[0].tolist() and streamer.ended
+    assert sum(streamer.chunks[1:], []) == out[0, ids.shape[1]:].tolist()
+
+
+def test_bad_arguments_are_named():
+    target = tiny_model("llama", seed=0)
+    ids, mask = _prompts(1)
+    with pytest.raises(TypeError, match="num_beams"):
+        draftwise.generate(target, ids, mask, max_new_tokens=4, num_beams=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        draftwise.generate(target, ids, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        draftwise.generate(target, ids, mask, max_new_tokens=4, do_sample=True, temperature=-1.0)
+    with pytest.raises(ValueError, match="attention_mask"):
+        draftwise.generate(target, ids, torch.ones(1, 3, dtype=torch.int64), max_new_tokens=4)
+    with pytest.raises(ValueError, match="vocabulary"):
+        draftwise.generate(target, ids, mask, assistant_model=tiny_model("llama", vocab=120), max_new_tokens=4)
