@@ -4,9 +4,10 @@ generation (batch 1, where it can) and draftwise, side by side in one run.
     python bench/bench_generate.py                 # the full sweep -> bench/results/generate_cpu.*
     python bench/bench_generate.py --quick         # fewer prompts and gammas
 
-For every (batch, mode, gamma): tokens per second over the same real prompts (the demo's), and
-for draftwise alpha, tau and the time split (draft / target / verify / other). "other" is the
-engine's own overhead: time outside the model forwards and the verification kernel.
+Two drafts: the best layer draft (the target's first layer on its shared embeddings and head)
+and prompt lookup. For every (batch, mode, gamma, draft): tokens per second over the same real
+prompts (the demo's), and for draftwise alpha, tau and the time split (draft / target / verify /
+other); "overhead" = (verify + other) / total is the time outside the model forwards.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import torch
 import transformers
 
 import draftwise
-from draftwise.defaults import DEFAULT_DRAFT, demo_prompts, load_default
+from draftwise.defaults import MODEL_DRAFT, demo_prompts, load_default, load_model_draft
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def _batches(tokenizer, prompts: list[str], batch: int) -> list[dict]:
+def _batches(tokenizer, prompts: list[str], batch: int, limit: int) -> list[dict]:
+    """At most ``limit`` prompts, in batches of ``batch`` (left-padded)."""
     tokenizer.padding_side = "left"
+    prompts = prompts[: max(limit, batch)]
     return [tokenizer(prompts[i: i + batch], return_tensors="pt", padding=True)
             for i in range(0, len(prompts) - batch + 1, batch)]
 
@@ -61,7 +64,8 @@ def _measure(name, run, batches, pad) -> dict:
 
 def sweep(args) -> dict:
     torch.manual_seed(0)
-    target, tokenizer, draft = load_default()
+    target, tokenizer, _ = load_default()
+    draft = load_model_draft(target)
     pad = tokenizer.pad_token_id
     prompts = demo_prompts(tokenizer)[: args.prompts]
     results = []
@@ -69,19 +73,22 @@ def sweep(args) -> dict:
         sample = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         common = dict(max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sample)
         for batch in args.batches:
-            batches = _batches(tokenizer, prompts, batch)
+            batches = _batches(tokenizer, prompts, batch, args.batch1_prompts if batch == 1 else len(prompts))
             target.generate(**batches[0], **{**common, "max_new_tokens": 8})  # warm-up
             base = _measure("target", lambda x: target.generate(**x, **common), batches, pad)
             results.append({"batch": batch, "mode": mode, "gamma": 0, **base})
             print(json.dumps(results[-1]))
             for gamma in args.gammas:
-                runs = {"draftwise": lambda x: draftwise.generate(
-                    target, **x, assistant_model=draft, num_assistant_tokens=gamma, seed=0,
-                    return_dict_in_generate=True, **common)}
+                spec = dict(num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", **common)
+                runs = {
+                    "draftwise-layer": lambda x: draftwise.generate(
+                        target, **x, assistant_model=draft, seed=0, return_dict_in_generate=True, **spec),
+                    "draftwise-lookup": lambda x: draftwise.generate(
+                        target, **x, prompt_lookup_num_tokens=gamma, seed=0, return_dict_in_generate=True, **spec),
+                }
                 if batch == 1:  # Hugging Face's assisted generation takes one row only
-                    runs["hf-assisted"] = lambda x: target.generate(
-                        **x, assistant_model=draft, num_assistant_tokens=gamma,
-                        num_assistant_tokens_schedule="constant", **common)
+                    runs["hf-layer"] = lambda x: target.generate(**x, assistant_model=draft, **spec)
+                    runs["hf-lookup"] = lambda x: target.generate(**x, prompt_lookup_num_tokens=gamma, **common)
                 for name, run in runs.items():
                     row = _measure(name, run, batches, pad)
                     row["speedup_vs_target"] = row["tokens_per_second"] / base["tokens_per_second"]
@@ -91,7 +98,7 @@ def sweep(args) -> dict:
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "draftwise": draftwise.__version__},
-        "target": "SmolLM2-135M-Instruct (fp32)", "draft": repr(DEFAULT_DRAFT),
+        "target": "SmolLM2-135M-Instruct (fp32)", "layer draft": repr(MODEL_DRAFT), "lookup draft": "prompt lookup, 2-grams",
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "results": results,
     }
 
@@ -120,7 +127,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, mode in zip(axes[0], modes):
         rows = [r for r in report["results"] if r["mode"] == mode]
         for batch in sorted({r["batch"] for r in rows}):
-            for provider in ("draftwise", "hf-assisted"):
+            for provider in ("draftwise-layer", "hf-layer", "draftwise-lookup", "hf-lookup"):
                 points = sorted((r["gamma"], r["tokens_per_second"]) for r in rows
                                 if r["batch"] == batch and r["provider"] == provider)
                 if points:
@@ -136,14 +143,15 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 prompts, gammas 2 and 4, greedy")
-    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="greedy only, gammas 2 and 4")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts of the batch-4 runs")
+    parser.add_argument("--batch1-prompts", type=int, default=2, help="prompts of the batch-1 runs")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", default=str(RESULTS / "generate_cpu"))
     args = parser.parse_args()
     args.batches, args.modes, args.gammas = (1, 4), ("greedy", "T1"), (1, 2, 4, 6, 8)
     if args.quick:
-        args.prompts, args.modes, args.gammas, args.batches = 4, ("greedy",), (2, 4), (1, 4)
+        args.modes, args.gammas = ("greedy",), (2, 4)
     report = sweep(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

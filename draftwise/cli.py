@@ -18,29 +18,34 @@ def _demo(args: argparse.Namespace) -> int:
     """Speculative decoding on the default pair, side by side with the target alone and with
     Hugging Face's assisted generation, on real prompts."""
     import draftwise
-    from draftwise.defaults import demo_prompts, load_default
+    from draftwise.defaults import MODEL_DRAFT, demo_prompts, load_default, load_model_draft
 
     torch.manual_seed(0)
-    target, tokenizer, draft = load_default()
+    target, tokenizer, default_draft = load_default()
+    model_draft = load_model_draft(target)
     prompts = demo_prompts(tokenizer)[: args.prompts]
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    g, lookup = args.gamma, args.lookup_gamma
     runs = {
-        "target alone": lambda inputs: target.generate(**inputs, **common),
-        f"HF assisted (gamma {args.gamma})": lambda inputs: target.generate(
-            **inputs, assistant_model=draft, num_assistant_tokens=args.gamma,
-            num_assistant_tokens_schedule="constant", **common),
-        f"draftwise (gamma {args.gamma})": lambda inputs: draftwise.generate(
-            target, **inputs, assistant_model=draft, num_assistant_tokens=args.gamma,
+        "target alone": lambda x: target.generate(**x, **common),
+        f"HF assisted, layer draft, gamma {g}": lambda x: target.generate(
+            **x, assistant_model=model_draft, num_assistant_tokens=g, num_assistant_tokens_schedule="constant", **common),
+        f"draftwise, layer draft, gamma {g}": lambda x: draftwise.generate(
+            target, **x, assistant_model=model_draft, num_assistant_tokens=g, return_dict_in_generate=True, **common),
+        f"HF prompt lookup, gamma {lookup}": lambda x: target.generate(**x, prompt_lookup_num_tokens=lookup, **common),
+        f"draftwise prompt lookup, gamma {lookup}": lambda x: draftwise.generate(
+            target, **x, prompt_lookup_num_tokens=lookup, num_assistant_tokens_schedule="constant",
             return_dict_in_generate=True, **common),
-        "draftwise (adaptive gamma)": lambda inputs: draftwise.generate(
-            target, **inputs, assistant_model=draft, return_dict_in_generate=True, **common),
+        "draftwise default (adaptive gamma)": lambda x: draftwise.generate(
+            target, **x, assistant_model=default_draft, return_dict_in_generate=True, **common),
     }
+    print(f"target: {type(target).__name__} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M parameters); "
+          f"layer draft: layers {list(MODEL_DRAFT.layers)} of it; default draft: prompt lookup; "
+          f"greedy, {args.max_new_tokens} new tokens per prompt")
     warm = tokenizer(prompts[0], return_tensors="pt")
     for run in runs.values():  # warm-up: thread pools, allocator, first-call set-up
         run(warm)
     totals = {name: [0.0, 0, []] for name in runs}  # seconds, new tokens, stats
-    print(f"target: {type(target).__name__} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M parameters), "
-          f"draft: {draft.config.num_hidden_layers} of its layers; greedy, {args.max_new_tokens} new tokens per prompt\n")
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt")
         width = inputs["input_ids"].shape[1]
@@ -62,14 +67,14 @@ def _demo(args: argparse.Namespace) -> int:
                 print(f"  [{name}: output differs from the target's own greedy output]")
     base = totals["target alone"][1] / totals["target alone"][0]
     print("-" * 100)
-    print(f"\n{'':30} {'tokens/s':>9} {'speedup':>8} {'alpha':>6} {'tau':>5}")
+    print(f"\n{'':40} {'tokens/s':>9} {'speedup':>8} {'alpha':>6} {'tau':>5}")
     for name, (seconds, tokens, stats) in totals.items():
         rate = tokens / seconds
         alpha = tau = ""
         if stats:
             alpha = f"{sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats)):.3f}"
             tau = f"{sum(s.emitted for s in stats) / max(1, sum(s.row_steps for s in stats)):.2f}"
-        print(f"{name:30} {rate:9.1f} {rate / base:7.2f}x {alpha:>6} {tau:>5}")
+        print(f"{name:40} {rate:9.1f} {rate / base:7.2f}x {alpha:>6} {tau:>5}")
     return 0
 
 
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="speculative decoding on the default model pair, vs the target alone")
     demo.add_argument("--prompts", type=int, default=4, help="how many of the demo prompts")
     demo.add_argument("--max-new-tokens", type=int, default=64)
-    demo.add_argument("--gamma", type=int, default=4, help="drafted tokens per step for the fixed-gamma runs")
+    demo.add_argument("--gamma", type=int, default=4, help="drafted tokens per step of the layer-draft runs")
+    demo.add_argument("--lookup-gamma", type=int, default=2, help="drafted tokens per step of the prompt-lookup runs")
     demo.set_defaults(run=_demo)
     kernel = commands.add_parser("verify-demo", help="the verification kernel alone on a realistic batch")
     kernel.add_argument("--batch", type=int, default=8)

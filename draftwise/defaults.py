@@ -11,10 +11,11 @@ that folder at once and loads take a few seconds::
 
 The cache directory is ``$DRAFTWISE_CACHE`` or ``~/.cache/draftwise``.
 
-The default draft is described once, in :data:`DEFAULT_DRAFT`: a few of the target's own
-decoder layers on top of the target's (shared) embeddings, final norm and LM head. It is the
-best of the simple layer drafts measured by ``bench/draft_candidates.py``; a distilled draft
-replaces it by changing that one description.
+The default draft is described once, in :data:`DEFAULT_DRAFT`. Until a distilled draft exists it
+is prompt lookup: on this CPU no draft made of the target's own layers is accepted often enough
+to pay for itself (``bench/draft_candidates.py``), while prompt lookup costs almost nothing.
+:data:`MODEL_DRAFT` is the best of those layer drafts (the target's first layer on its shared
+embeddings, final norm and LM head), for comparisons that need a draft model.
 """
 
 from __future__ import annotations
@@ -51,12 +52,27 @@ class LayerDraftSpec:
         return layer_draft(target, layers=self.layers)
 
 
-# The default draft. Chosen by bench/draft_candidates.py (top-1 agreement with the target
-# against the cost of one decode step, through the speculative-decoding speedup formula): the
-# first layer agrees most (3% on the target's answers, 9% on documentation text) at the lowest
-# cost (~0.16 of a target step, mostly the shared 49152 x 576 LM head). No undistilled layer
-# draft reaches the break-even acceptance (~0.35 at 2 drafted tokens); a distilled one must.
-DEFAULT_DRAFT = LayerDraftSpec(layers=(0,))
+@dataclass(frozen=True)
+class PromptLookupSpec:
+    """Prompt lookup: n-gram matches in the prompt and output, no model."""
+
+    max_ngram: int = 2
+
+    def build(self, target: nn.Module):
+        from draftwise.engine import PromptLookupDrafter
+
+        return PromptLookupDrafter(max_ngram=self.max_ngram)
+
+
+# The best layer draft by bench/draft_candidates.py (top-1 agreement with the target against
+# the cost of one decode step, through the speculative-decoding speedup formula): the first
+# layer agrees most (3% on the target's answers, 9% on documentation text) at the lowest cost
+# (~0.16 of a target step, mostly the shared 49152 x 576 LM head). No undistilled layer draft
+# reaches the break-even acceptance (~0.35 at 2 drafted tokens); a distilled one must.
+MODEL_DRAFT = LayerDraftSpec(layers=(0,))
+# The default draft: prompt lookup, faster than the target alone end to end where every layer
+# draft is slower (README, "Default draft").
+DEFAULT_DRAFT = PromptLookupSpec(max_ngram=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,10 +172,16 @@ def load_target(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
 
 def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  cache_dir: str | Path | None = None):
-    """``(target, tokenizer, draft)``: the default target and :data:`DEFAULT_DRAFT` built on it."""
+    """``(target, tokenizer, draft)``: the default target and :data:`DEFAULT_DRAFT` built on it
+    (a drafter for ``draftwise.generate``; :func:`load_model_draft` gives the best draft model)."""
     target, tokenizer = load_target(device, dtype, cache_dir)
-    draft = DEFAULT_DRAFT.build(target).eval()
-    return target, tokenizer, draft
+    return target, tokenizer, DEFAULT_DRAFT.build(target)
+
+
+def load_model_draft(target: nn.Module) -> nn.Module:
+    """:data:`MODEL_DRAFT` built on ``target``: a draft model (Hugging Face's assisted generation
+    takes one)."""
+    return MODEL_DRAFT.build(target).eval()
 
 
 # ----------------------------------------------------------------------------------------------

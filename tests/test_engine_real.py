@@ -18,20 +18,20 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a t
 
 @pytest.fixture(scope="module")
 def pair():
-    from draftwise.defaults import load_default
+    from draftwise.defaults import load_default, load_model_draft
 
-    target, tokenizer, draft = load_default()
+    target, tokenizer, _ = load_default()
     tokenizer.padding_side = "left"
-    return target, tokenizer, draft
+    return target, tokenizer, load_model_draft(target)
 
 
-@pytest.mark.parametrize("drafts", ["default-draft", "prompt-lookup"])
+@pytest.mark.parametrize("drafts", ["model-draft", "prompt-lookup"])
 def test_greedy_equals_smollm2_generate(pair, drafts):
     target, tokenizer, draft = pair
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)  # a batch of 3, left-padded
     kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     want = target.generate(**inputs, **kwargs)
-    extra = {"assistant_model": draft} if drafts == "default-draft" else {"prompt_lookup_num_tokens": 4}
+    extra = {"assistant_model": draft} if drafts == "model-draft" else {"prompt_lookup_num_tokens": 4}
     got = draftwise.generate(target, **inputs, **extra, **kwargs)
     assert torch.equal(got, want), tokenizer.batch_decode(got[:, inputs["input_ids"].shape[1]:])
 

@@ -25,7 +25,7 @@ SUPPORTED = (
     "max_matching_ngram_size", "eos_token_id", "pad_token_id", "seed", "streamer", "stop_strings",
     "tokenizer", "return_dict_in_generate", "use_cache", "generation_config",
 )
-DEFAULT_GAMMA = 4
+DEFAULT_GAMMA = 3
 MAX_GAMMA = 12
 
 

@@ -30,10 +30,14 @@ class GammaSchedule:
 
     constant: always ``initial``. heuristic (Hugging Face's): +2 after a step where every row
     accepted everything, else -1. adaptive: the gamma in [1, maximum] that maximises the expected
-    tokens per second, ``(1 - a**(g+1)) / (1 - a) / (g * t_draft + t_target)``, from running
-    averages of the acceptance a, the draft time per token and the target time per call; it moves
-    one step at a time towards that optimum.
+    tokens per second, ``(1 - a**(g+1)) / (1 - a) / (g * t_draft + t_target(g))``, from running
+    averages of the acceptance a and the draft time per token, and a line fitted through the
+    target's measured time per call at each gamma used (until two gammas are measured, each
+    verified token is assumed to add ``PRIOR_SLOPE`` of a call); it moves one step at a time
+    towards that optimum.
     """
+
+    PRIOR_SLOPE = 0.1  # extra target time per verified token, as a fraction of one decode step
 
     def __init__(self, kind: str = "adaptive", initial: int = 4, maximum: int = 12):
         if kind not in ("constant", "heuristic", "adaptive"):
@@ -41,7 +45,8 @@ class GammaSchedule:
         if not 1 <= initial <= maximum:
             raise ValueError(f"num_assistant_tokens: expected 1 <= value <= {maximum}, got {initial}")
         self.kind, self.gamma, self.maximum = kind, initial, maximum
-        self.alpha = self.time_draft = self.time_target = None  # running averages
+        self.alpha = self.time_draft = None  # running averages
+        self.time_target: dict[int, float] = {}  # gamma -> running average of one target call
 
     def update(self, drafted: int, accepted: int, time_draft: float, time_target: float) -> None:
         if drafted == 0:
@@ -49,12 +54,26 @@ class GammaSchedule:
         average = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
         self.alpha = average(self.alpha, accepted / drafted)
         self.time_draft = average(self.time_draft, time_draft / drafted)
-        self.time_target = average(self.time_target, time_target)
+        self.time_target[self.gamma] = average(self.time_target.get(self.gamma), time_target)
         if self.kind == "heuristic":
             self.gamma = min(self.maximum, self.gamma + 2) if accepted == drafted else max(1, self.gamma - 1)
         elif self.kind == "adaptive":
             best = max(range(1, self.maximum + 1), key=self.expected_rate)
             self.gamma += (best > self.gamma) - (best < self.gamma)
+
+    def target_time(self, gamma: int) -> float:
+        """The fitted time of one target call that verifies ``gamma`` drafts."""
+        points = list(self.time_target.items())
+        if len(points) >= 2:
+            n = len(points)
+            mean_g = sum(g for g, _ in points) / n
+            mean_t = sum(t for _, t in points) / n
+            spread = sum((g - mean_g) ** 2 for g, _ in points)
+            slope = max(0.0, sum((g - mean_g) * (t - mean_t) for g, t in points) / spread)
+            return mean_t + slope * (gamma - mean_g)
+        g0, t0 = points[0]
+        step = t0 / (1 + self.PRIOR_SLOPE * g0)
+        return step * (1 + self.PRIOR_SLOPE * gamma)
 
     def expected_tokens(self, gamma: int) -> float:
         a = min(self.alpha, 0.999)
@@ -65,7 +84,7 @@ class GammaSchedule:
         gamma = self.gamma if gamma is None else gamma
         if self.alpha is None:
             return float("inf")  # not measured yet: worth trying
-        return self.expected_tokens(gamma) / (gamma * self.time_draft + self.time_target)
+        return self.expected_tokens(gamma) / (gamma * self.time_draft + self.target_time(gamma))
 
 
 @dataclasses.dataclass
