@@ -177,3 +177,18 @@ def test_bad_arguments_are_named():
         draftwise.generate(target, ids, torch.ones(1, 3, dtype=torch.int64), max_new_tokens=4)
     with pytest.raises(ValueError, match="vocabulary"):
         draftwise.generate(target, ids, mask, assistant_model=tiny_model("llama", vocab=120), max_new_tokens=4)
+
+
+def test_confidence_threshold_drafts_less_and_changes_nothing(pair):
+    """A weak draft stops early below assistant_confidence_threshold; the output is the same."""
+    _, target, draft = pair
+    ids, mask = _prompts(3)
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=PAD, eos_token_id=None,
+                  num_assistant_tokens=6, return_dict_in_generate=True)
+    full = draftwise.generate(target, ids, mask, assistant_model=draft, assistant_confidence_threshold=0.0, **kwargs)
+    early = draftwise.generate(target, ids, mask, assistant_model=draft, assistant_confidence_threshold=0.9, **kwargs)
+    assert torch.equal(full.sequences, early.sequences)
+    assert early.spec_stats.drafted < full.spec_stats.drafted
+    assert full.spec_stats.drafted == 6 * full.spec_stats.row_steps
+    with pytest.raises(ValueError, match="assistant_confidence_threshold"):
+        draftwise.generate(target, ids, mask, assistant_model=draft, assistant_confidence_threshold=1.5, **kwargs)

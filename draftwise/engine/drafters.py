@@ -29,11 +29,20 @@ class Draft:
 
 class ModelDrafter:
     """A draft model with its own KV cache. Before drafting it runs only the committed tokens it
-    has not seen (the last emitted token, plus the last accepted draft when all were accepted)."""
+    has not seen (the last emitted token, plus the last accepted draft when all were accepted).
 
-    def __init__(self, model, name: str | None = None):
+    ``confidence_threshold`` (Hugging Face's ``assistant_confidence_threshold``): a row stops
+    drafting at the first token after its first whose draft probability is below it, and the step
+    stops when every row has. Stopping depends on the draft's own distribution only, so the
+    output stays exact. 0 drafts all ``gamma`` tokens.
+    """
+
+    def __init__(self, model, name: str | None = None, confidence_threshold: float = 0.0):
+        if not 0.0 <= confidence_threshold < 1.0:
+            raise ValueError(f"confidence_threshold: expected a value in [0, 1), got {confidence_threshold}")
         self.model = model
         self.name = name or type(model).__name__
+        self.confidence_threshold = confidence_threshold
         self.runner: ModelRunner | None = None
         self.vocab: int | None = None  # the target's logits width
 
@@ -51,13 +60,25 @@ class ModelDrafter:
         logits = self.runner.extend(unseen.clamp(min=0), num_valid=counts)
         last = logits[torch.arange(len(counts), device=counts.device), counts - 1]
         tokens, probs = [], []
+        drafting = torch.ones_like(counts, dtype=torch.bool)
         for i in range(gamma):
-            token, q = sampling.draw(self._fit_vocab(last))
+            logits_i = self._fit_vocab(last)
+            token, q = sampling.draw(logits_i)
+            if self.confidence_threshold > 0 and i > 0:
+                drafting &= self._confidence(logits_i, token, q) >= self.confidence_threshold
+                token = torch.where(drafting, token, PAD_TOKEN)
             tokens.append(token)
             probs.append(q)
-            if i + 1 < gamma:
-                last = self.runner.extend(token.view(-1, 1))[:, 0]
+            if i + 1 == gamma or (self.confidence_threshold > 0 and not bool(drafting.any())):
+                break
+            last = self.runner.extend(token.clamp(min=0).view(-1, 1))[:, 0]
         return Draft(torch.stack(tokens, 1), None if probs[0] is None else torch.stack(probs, 1))
+
+    @staticmethod
+    def _confidence(logits: torch.Tensor, token: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+        """The draft probability of each row's drafted token."""
+        probs = q if q is not None else torch.softmax(logits.float(), -1)
+        return probs.gather(1, token.view(-1, 1)).squeeze(1)
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft logits at the target's width: ids past it are never proposed; missing ids get -inf."""

@@ -18,11 +18,13 @@ from .speculate import Decoder, GammaSchedule, StopCriteria
 from .stats import SpecStats
 
 # Hugging Face's defaults for what neither the call nor the model's generation config sets.
-HF_DEFAULTS = dict(max_length=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0)
+HF_DEFAULTS = dict(max_length=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+                   assistant_confidence_threshold=0.4)
 SUPPORTED = (
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "num_assistant_tokens", "num_assistant_tokens_schedule", "prompt_lookup_num_tokens",
-    "max_matching_ngram_size", "eos_token_id", "pad_token_id", "seed", "streamer", "stop_strings",
+    "max_matching_ngram_size", "assistant_confidence_threshold", "eos_token_id", "pad_token_id", "seed",
+    "streamer", "stop_strings",
     "tokenizer", "return_dict_in_generate", "use_cache", "generation_config",
 )
 DEFAULT_GAMMA = 3
@@ -79,6 +81,8 @@ class SpeculativeEngine:
         self.tokenizer = tokenizer
         self.device = next(target.parameters()).device
         self.drafters = [_as_drafter(d, f"draft{i}" if len(drafts) > 1 else "draft") for i, d in enumerate(drafts)]
+        # Drafters built here from bare models take each call's assistant_confidence_threshold.
+        self.owned = [isinstance(d, torch.nn.Module) for d in drafts]
         for drafter in self.drafters:
             _check_vocabulary(target, drafter, tokenizer)
         if len({d.name for d in self.drafters}) != len(self.drafters):
@@ -111,6 +115,9 @@ class SpeculativeEngine:
             eos_token_ids=None if eos is None else torch.tensor(eos, device=self.device).view(-1),
             stop_strings=options["stop_strings"], tokenizer=options["tokenizer"] or self.tokenizer,
         )
+        for drafter, owned in zip(self.drafters, self.owned):
+            if owned:
+                drafter.confidence_threshold = options["confidence_threshold"]
         drafters = list(self.drafters) + options["extra_drafters"]
         schedules = [GammaSchedule(options["schedule"], options["gamma"], gamma_max) for _ in drafters]
         stats = SpecStats()
@@ -193,6 +200,9 @@ def _resolve(model, kwargs: dict) -> dict:
     gamma = DEFAULT_GAMMA if gamma is None else gamma
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"num_assistant_tokens: expected a positive int, got {gamma!r}")
+    threshold = float(pick("assistant_confidence_threshold"))
+    if not 0 <= threshold < 1:
+        raise ValueError(f"assistant_confidence_threshold: expected a value in [0, 1), got {threshold}")
     seed = kwargs.get("seed")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -204,6 +214,7 @@ def _resolve(model, kwargs: dict) -> dict:
     return dict(
         max_new_tokens=max_new, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=eos, pad_token_id=pad, gamma=gamma, schedule=schedule, extra_drafters=extra,
+        confidence_threshold=threshold,
         seed=seed, streamer=kwargs.get("streamer"), stop_strings=tuple(stop_strings),
         tokenizer=kwargs.get("tokenizer"), return_dict_in_generate=bool(kwargs.get("return_dict_in_generate")),
     )
@@ -228,7 +239,8 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     Hugging Face's names and meaning: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
     ``top_p``, ``num_assistant_tokens`` (fixed draft length; default: adaptive, from the measured
     acceptance and costs), ``num_assistant_tokens_schedule`` ("constant", "heuristic",
-    "adaptive"), ``prompt_lookup_num_tokens``, ``max_matching_ngram_size``, ``eos_token_id``,
+    "adaptive"), ``assistant_confidence_threshold`` (a draft model stops drafting a row at a token
+    it is less sure of; default 0.4 as in Hugging Face), ``prompt_lookup_num_tokens``, ``max_matching_ngram_size``, ``eos_token_id``,
     ``pad_token_id``, ``streamer``, ``stop_strings`` + ``tokenizer``, ``return_dict_in_generate``
     (adds ``spec_stats``). ``drafts=[...]`` takes several draft models or drafters; ``seed`` makes
     sampling reproducible. Batches of any size with left-padded prompts are supported. Any other
