@@ -143,7 +143,9 @@ class SpeculativeEngine:
 
 def _check_inputs(input_ids, attention_mask, device):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids: expected an integer tensor of shape [batch, length], got {input_ids!r:.80}")
+        got = (f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"input_ids: expected an integer tensor of shape [batch, length], got {got}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids: expected at least one prompt token per row")
     if attention_mask is None:
