@@ -156,7 +156,7 @@ def main() -> int:
     target_step = Stepper(target, context)
     print(f"target: {num_layers} layers, decode step {step_ms:.1f} ms; verify n tokens: "
           + ", ".join(f"{n}: {ms:.1f}" for n, ms in verify_ms.items()) + " ms")
-    print(f"scored tokens: " + ", ".join(f"{name} {n}" for name, n in scored.items()) + "\n")
+    print("scored tokens: " + ", ".join(f"{name} {n}" for name, n in scored.items()) + "\n")
 
     names = list(sets)
     header = (f"{'draft':<18} {'layers':<16} " + " ".join(f"{'a ' + n[:12]:>15}" for n in names)

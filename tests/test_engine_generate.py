@@ -104,29 +104,41 @@ def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
     assert PromptLookupDrafter().propose(buffer, 3, sampling=None).tokens.tolist() == [[-1, -1, -1]]
 
 
-def _first_two_token_law(target, prompt: torch.Tensor, temperature: float) -> torch.Tensor:
+def _first_two_token_law(target, prompt: torch.Tensor, temperature: float, top_k: int = 0,
+                         top_p: float = 1.0) -> torch.Tensor:
     """The exact law of the first two generated tokens, ``[V, V]``, by enumeration."""
+    from draftwise.kernels.reference import target_probs
+
+    def law(logits):  # [N, V] -> the processed distribution of each row
+        n = logits.shape[0]
+        return target_probs(logits.double().unsqueeze(1), torch.full((n,), temperature),
+                            torch.full((n,), top_k), torch.full((n,), top_p)).squeeze(1)
+
     with torch.no_grad():
-        first = torch.softmax(target(prompt).logits[0, -1].double() / temperature, -1)
+        first = law(target(prompt).logits[:, -1])[0]
         vocab = first.shape[0]
-        seconds = prompt.repeat(vocab, 1)
-        seconds = torch.cat([seconds, torch.arange(vocab).view(-1, 1)], 1)
-        second = torch.softmax(target(seconds).logits[:, -1].double() / temperature, -1)
+        seconds = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab).view(-1, 1)], 1)
+        second = law(target(seconds).logits[:, -1])
     return first.view(-1, 1) * second
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_sampling_follows_the_target_distribution(arch):
-    """Each row of a 20k-row batch is one trial (row b is seeded seed + b)."""
+@pytest.mark.parametrize("arch,top_k,top_p", [
+    pytest.param("llama", 0, 1.0, id="llama"),
+    pytest.param("gpt2", 0, 1.0, id="gpt2"),
+    pytest.param("llama", 8, 0.75, id="llama-top_k-top_p"),
+])
+def test_sampling_follows_the_target_distribution(arch, top_k, top_p):
+    """Each row of a 20k-row batch is one trial (row b is seeded seed + b). With top-k / top-p the
+    drafts are drawn from the filtered draft distribution, and the target's is filtered too."""
     target = tiny_model(arch, layers=2, vocab=16, seed=0)
     target.generation_config.eos_token_id = None  # no stop: every row samples two tokens
     draft = tiny_model(arch, layers=1, vocab=16, seed=3)
     prompt = torch.tensor([[3, 7, 5, 9]])
     trials = 20_000
-    law = _first_two_token_law(target, prompt, temperature=0.8)
+    law = _first_two_token_law(target, prompt, 0.8, top_k, top_p)
     out = draftwise.generate(target, prompt.repeat(trials, 1), assistant_model=draft, num_assistant_tokens=3,
-                             max_new_tokens=2, do_sample=True, temperature=0.8, top_k=0, seed=11,
-                             pad_token_id=0, return_dict_in_generate=True)
+                             max_new_tokens=2, do_sample=True, temperature=0.8, top_k=top_k, top_p=top_p,
+                             seed=11, pad_token_id=0, return_dict_in_generate=True)
     pairs = out.sequences[:, -2] * 16 + out.sequences[:, -1]
     fit = chi_square(torch.bincount(pairs, minlength=256), law.flatten())
     assert fit.pvalue > ALPHA, f"joint law of the first two tokens: {fit}"

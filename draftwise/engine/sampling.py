@@ -26,6 +26,7 @@ class Sampling:
     seeds: torch.Tensor  # [B] int64, one per request
     generator: torch.Generator
     all_greedy: bool  # known on the host once, so that greedy runs skip every distribution
+    filtered: bool  # some row uses top-k or top-p (known once: no host sync per draft token)
 
     @classmethod
     def build(cls, batch: int, device, *, do_sample: bool, temperature: float, top_k: int | None,
@@ -42,6 +43,7 @@ class Sampling:
             seeds=torch.arange(batch, dtype=torch.int64, device=device) + seed,
             generator=generator,
             all_greedy=not do_sample or temperature == 0,
+            filtered=bool(top_k) or (top_p is not None and top_p < 1),
         )
 
     @property
@@ -56,7 +58,7 @@ class Sampling:
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, V]`` logits -> the processed distribution each row samples from (float32)."""
         return target_probs(sanitize_logits(logits, torch.float32).unsqueeze(1), self.temperature,
-                            self.top_k, self.top_p).squeeze(1)
+                            self.top_k, self.top_p, filtered=self.filtered).squeeze(1)
 
     def draw(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One token per row from ``[B, V]`` logits: argmax for greedy rows, a sample of the

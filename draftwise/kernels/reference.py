@@ -103,18 +103,21 @@ def _top_p_mask(
 
 
 def target_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    filtered: bool | None = None,
 ) -> torch.Tensor:
     """The target distribution of every position ``[B, J, V]`` after temperature, top-k, top-p.
 
     ``logits`` are sanitised; rows with temperature 0 get the temperature-1 distribution (the
-    greedy path does not use it).
+    greedy path does not use it). ``filtered``: whether any row uses top-k or top-p, when the
+    caller knows (else it is read from the tensors, one host sync).
     """
     temperature = torch.where(temperature > 0, temperature, 1.0).to(logits.dtype).view(-1, 1, 1)
     row_max = logits.amax(-1, keepdim=True)
     weights = torch.exp((logits - row_max) / temperature)
     vocab = logits.shape[-1]
-    filtered = bool(((top_k > 0) & (top_k < vocab)).any() or (top_p < 1).any())
+    if filtered is None:
+        filtered = bool(((top_k > 0) & (top_k < vocab)).any() or (top_p < 1).any())
     if filtered:
         sorted_desc = logits.sort(-1, descending=True).values
         weights = weights * _top_k_mask(logits, top_k, sorted_desc)
