@@ -1,4 +1,5 @@
-"""Command line: ``draftwise demo`` (the main job) and ``draftwise verify-demo`` (the kernel alone)."""
+"""Command line: ``draftwise demo`` (the main job), ``draftwise distill`` and ``draftwise eval-draft``
+(distil a draft from its target and measure it), ``draftwise verify-demo`` (the kernel alone)."""
 
 from __future__ import annotations
 
@@ -16,31 +17,28 @@ def _timed(fn):
 
 def _demo(args: argparse.Namespace) -> int:
     """Speculative decoding on the default pair, side by side with the target alone and with
-    Hugging Face's assisted generation, on real prompts."""
+    Hugging Face's assisted generation (same draft, same γ), on real held-out prompts."""
     import draftwise
-    from draftwise.defaults import MODEL_DRAFT, demo_prompts, load_default, load_model_draft
+    from draftwise.defaults import DEFAULT_DRAFT, demo_prompts, load_default
 
     torch.manual_seed(0)
-    target, tokenizer, default_draft = load_default()
-    model_draft = load_model_draft(target)
+    target, tokenizer, draft = load_default()
     prompts = demo_prompts(tokenizer)[: args.prompts]
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    g, lookup = args.gamma, args.lookup_gamma
+    g = args.gamma
     runs = {
         "target alone": lambda x: target.generate(**x, **common),
-        f"HF assisted, layer draft, gamma {g}": lambda x: target.generate(
-            **x, assistant_model=model_draft, num_assistant_tokens=g, num_assistant_tokens_schedule="constant", **common),
-        f"draftwise, layer draft, gamma {g}": lambda x: draftwise.generate(
-            target, **x, assistant_model=model_draft, num_assistant_tokens=g, return_dict_in_generate=True, **common),
-        f"HF prompt lookup, gamma {lookup}": lambda x: target.generate(**x, prompt_lookup_num_tokens=lookup, **common),
-        f"draftwise prompt lookup, gamma {lookup}": lambda x: draftwise.generate(
-            target, **x, prompt_lookup_num_tokens=lookup, num_assistant_tokens_schedule="constant",
+        f"HF assisted generation, gamma {g}": lambda x: target.generate(
+            **x, assistant_model=draft, num_assistant_tokens=g, num_assistant_tokens_schedule="constant", **common),
+        f"draftwise, gamma {g}": lambda x: draftwise.generate(
+            target, **x, assistant_model=draft, num_assistant_tokens=g, num_assistant_tokens_schedule="constant",
             return_dict_in_generate=True, **common),
-        "draftwise default (adaptive gamma)": lambda x: draftwise.generate(
-            target, **x, assistant_model=default_draft, return_dict_in_generate=True, **common),
+        "draftwise, adaptive gamma": lambda x: draftwise.generate(
+            target, **x, assistant_model=draft, num_assistant_tokens_schedule="adaptive",
+            return_dict_in_generate=True, **common),
     }
     print(f"target: {type(target).__name__} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M parameters); "
-          f"layer draft: layers {list(MODEL_DRAFT.layers)} of it; default draft: prompt lookup; "
+          f"draft: {DEFAULT_DRAFT.folder.name} ({draft.config.num_hidden_layers} layers, distilled); "
           f"greedy, {args.max_new_tokens} new tokens per prompt")
     warm = tokenizer(prompts[0], return_tensors="pt")
     for run in runs.values():  # warm-up: thread pools, allocator, first-call set-up
@@ -110,14 +108,86 @@ def _verify_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_target(path: str | None):
+    """The default target, or a causal LM folder (``save_pretrained`` layout) with its tokenizer."""
+    if path is None:
+        from draftwise.defaults import load_target
+
+        return load_target()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _distill(args: argparse.Namespace) -> int:
+    """Distil a draft from the target (DistillSpec) and save it where ``draftwise.generate`` loads it."""
+    from draftwise.defaults import default_cache_dir
+    from draftwise.distill.recipe import DataSpec, distill, prepare_data
+    from draftwise.distill.trainer import DistillConfig
+
+    if not 0 <= args.lmbda <= 1:
+        raise SystemExit(f"draftwise distill: --lmbda must lie in [0, 1], got {args.lmbda}")
+    torch.manual_seed(args.seed)
+    target, tokenizer = _load_target(args.target)
+    spec = DataSpec(train_prompts=args.train_prompts, max_new_tokens=args.max_new_tokens,
+                    vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods, seed=args.seed)
+    data = prepare_data(target, tokenizer, spec, cache_dir=default_cache_dir())
+    mix = {"on-policy": 1.0} if args.data == "on-policy" else {args.data: 1 - args.lmbda, "on-policy": args.lmbda}
+    config = DistillConfig(objective=args.divergence, beta=args.beta, temperature=args.temperature,
+                           steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                           warmup_steps=args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
+                           eval_every=args.eval_every,
+                           checkpoint_every=args.checkpoint_every, seed=args.seed)
+    trainer = distill(target, tokenizer, data, args.output, layers=args.draft_layers, fresh=args.fresh, mix=mix,
+                      config=config, on_policy_tokens=args.on_policy_tokens, resume=not args.restart)
+    last = next((r for r in reversed(trainer.history) if "acceptance" in r), {})
+    print(f"draft saved to {args.output}/draft; held-out acceptance {last.get('acceptance', float('nan')):.3f}, "
+          f"top-1 agreement {last.get('top1', float('nan')):.3f}")
+    return 0
+
+
+def _eval_draft(args: argparse.Namespace) -> int:
+    """Measure a draft through the engine: α, analytic α, τ and the speedup over the target alone."""
+    import json
+
+    from draftwise.distill.data import heldout_requests
+    from draftwise.distill.evaluate import evaluate_draft, format_rows
+    from draftwise.engine.draft_model import load_draft
+
+    torch.manual_seed(args.seed)
+    target, tokenizer = _load_target(args.target)
+    if args.draft == "default":
+        from draftwise.defaults import default_draft
+
+        draft = default_draft(target)
+    else:
+        draft = load_draft(args.draft, target)
+    requests = heldout_requests(args.prompts_source, args.prompts, seed=args.seed)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
+                                             add_generation_prompt=True) for r in requests]
+    rows = evaluate_draft(target, tokenizer, draft, prompts, gammas=args.gammas, modes=args.modes.split(","),
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, lenience=args.lenience)
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="draftwise", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="speculative decoding on the default model pair, vs the target alone")
     demo.add_argument("--prompts", type=int, default=4, help="how many of the demo prompts")
     demo.add_argument("--max-new-tokens", type=int, default=64)
-    demo.add_argument("--gamma", type=int, default=4, help="drafted tokens per step of the layer-draft runs")
-    demo.add_argument("--lookup-gamma", type=int, default=2, help="drafted tokens per step of the prompt-lookup runs")
+    demo.add_argument("--gamma", type=int, default=4, help="drafted tokens per step of the fixed-gamma runs")
     demo.set_defaults(run=_demo)
     kernel = commands.add_parser("verify-demo", help="the verification kernel alone on a realistic batch")
     kernel.add_argument("--batch", type=int, default=8)
@@ -125,5 +195,55 @@ def main(argv: list[str] | None = None) -> int:
     kernel.add_argument("--vocab", type=int, default=49152)
     kernel.add_argument("--repeats", type=int, default=20)
     kernel.set_defaults(run=_verify_demo)
+    _add_distill(commands)
+    _add_eval_draft(commands)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
+        parser.exit(2, f"draftwise {args.command}: {error}\n")
+
+
+def _add_distill(commands) -> None:
+    p = commands.add_parser("distill", help="distil a draft from the target (DistillSpec)")
+    p.add_argument("--target", help="a causal LM folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--output", required=True, help="output folder: draft/, training.json, checkpoint.pt")
+    p.add_argument("--draft-layers", type=_ints, default=[0, 1], help="target layers the draft starts from (0,1)")
+    p.add_argument("--fresh", action="store_true", help="initialise the draft's layers randomly instead")
+    p.add_argument("--vocab-size", type=int, default=8192, help="reduced draft vocabulary (0: the target's)")
+    p.add_argument("--divergence", default="tvd", choices=["fkl", "rkl", "jsd", "tvd", "ce"],
+                   help="what to minimise (ce: the cross-entropy baseline, no distillation)")
+    p.add_argument("--beta", type=float, default=0.5, help="JSD(beta): 0 = forward KL, 1 = reverse KL")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--data", default="target", choices=["fixed", "target", "on-policy"])
+    p.add_argument("--lmbda", type=float, default=0.0, help="fraction of on-policy (draft-generated) examples")
+    p.add_argument("--on-policy-tokens", type=int, default=48, help="tokens the draft samples per on-policy example")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: a tenth of --steps")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--train-prompts", type=int, default=400, help="chat prompts the target answers")
+    p.add_argument("--methods", action="store_true", help="prompts about class methods too (more distinct prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="length of the target's answers")
+    p.add_argument("--heldout", default="humaneval", choices=["humaneval", "stdlib"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --output")
+    p.set_defaults(run=_distill)
+
+
+def _add_eval_draft(commands) -> None:
+    p = commands.add_parser("eval-draft", help="alpha, tau and speedup of a draft on held-out prompts")
+    p.add_argument("--draft", default="default", help="a draft folder, or 'default'")
+    p.add_argument("--target", help="a causal LM folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts-source", default="humaneval", choices=["humaneval", "stdlib"])
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--gammas", type=_ints, default=[1, 2, 4, 6, 8])
+    p.add_argument("--modes", default="greedy,T=1")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--lenience", type=float, default=None, help="lossy acceptance (1 = exact)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the rows to this file")
+    p.set_defaults(run=_eval_draft)

@@ -11,17 +11,15 @@ that folder at once and loads take a few seconds::
 
 The cache directory is ``$DRAFTWISE_CACHE`` or ``~/.cache/draftwise``.
 
-The default draft is described once, in :data:`DEFAULT_DRAFT`. Until a distilled draft exists it
-is prompt lookup: on this CPU no draft made of the target's own layers is accepted often enough
-to pay for itself (``bench/draft_candidates.py``), while prompt lookup costs almost nothing.
-:data:`MODEL_DRAFT` is the best of those layer drafts (the target's first layer on its shared
-embeddings, final norm and LM head), for comparisons that need a draft model.
+The default draft is described once, in :data:`DEFAULT_DRAFT`: a draft distilled from the
+target (``draftwise distill``, README "The default draft") that ships with the package as a small
+fp16 folder and shares the target's embeddings. :data:`MODEL_DRAFT` is the best draft made of the
+target's own layers without training, for comparisons.
 """
 
 from __future__ import annotations
 
 import ast
-import copy
 import importlib.util
 import os
 import shutil
@@ -64,15 +62,27 @@ class PromptLookupSpec:
         return PromptLookupDrafter(max_ngram=self.max_ngram)
 
 
-# The best layer draft by bench/draft_candidates.py (top-1 agreement with the target against
-# the cost of one decode step, through the speculative-decoding speedup formula): the first
-# layer agrees most (3% on the target's answers, 9% on documentation text) at the lowest cost
-# (~0.16 of a target step, mostly the shared 49152 x 576 LM head). No undistilled layer draft
-# reaches the break-even acceptance (~0.35 at 2 drafted tokens); a distilled one must.
+@dataclass(frozen=True)
+class DistilledDraftSpec:
+    """A draft distilled from the target (``draftwise distill``), stored as a draft folder."""
+
+    folder: Path
+
+    def build(self, target: nn.Module) -> nn.Module:
+        from draftwise.engine.draft_model import load_draft
+
+        return load_draft(self.folder, target)
+
+
+# The draft distilled from SmolLM2 that ships with the package (README, "The default draft"):
+# the target's first layers on its shared embeddings, predicting its 8192 most frequent tokens.
+DISTILLED_DRAFT = DistilledDraftSpec(Path(__file__).parent / "drafts" / "smollm2-135m-instruct")
+# The best draft made of the target's own layers without training (bench/draft_candidates.py):
+# the first layer agrees most (3% on the target's answers, 9% on documentation text) at the
+# lowest cost; no undistilled layer draft reaches the break-even acceptance.
 MODEL_DRAFT = LayerDraftSpec(layers=(0,))
-# The default draft: prompt lookup, faster than the target alone end to end where every layer
-# draft is slower (README, "Default draft").
-DEFAULT_DRAFT = PromptLookupSpec(max_ngram=2)
+# The default draft: the distilled one.
+DEFAULT_DRAFT = DISTILLED_DRAFT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,14 +183,18 @@ def load_target(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
 def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  cache_dir: str | Path | None = None):
     """``(target, tokenizer, draft)``: the default target and :data:`DEFAULT_DRAFT` built on it
-    (a drafter for ``draftwise.generate``; :func:`load_model_draft` gives the best draft model)."""
+    (a draft model: ``draftwise.generate`` and Hugging Face's assisted generation both take it)."""
     target, tokenizer = load_target(device, dtype, cache_dir)
-    return target, tokenizer, DEFAULT_DRAFT.build(target)
+    return target, tokenizer, default_draft(target)
+
+
+def default_draft(target: nn.Module) -> nn.Module:
+    """:data:`DEFAULT_DRAFT` built on ``target`` (the default target), in eval mode."""
+    return DEFAULT_DRAFT.build(target).eval()
 
 
 def load_model_draft(target: nn.Module) -> nn.Module:
-    """:data:`MODEL_DRAFT` built on ``target``: a draft model (Hugging Face's assisted generation
-    takes one)."""
+    """:data:`MODEL_DRAFT` built on ``target``: the best undistilled draft made of its layers."""
     return MODEL_DRAFT.build(target).eval()
 
 
@@ -190,51 +204,17 @@ def load_model_draft(target: nn.Module) -> nn.Module:
 
 def layer_draft(target: nn.Module, num_layers: int | None = None, *,
                 layers: Sequence[int] | None = None) -> nn.Module:
-    """A model of the target's architecture made of some of its decoder layers.
+    """A model of the target's architecture made of some of its decoder layers, untrained.
 
     ``num_layers=k`` takes the first k layers; ``layers=[...]`` takes any of them, in order
-    (e.g. the last k, or every n-th). The layers are copies (a draft can be trained without
-    touching the target); the embeddings, the final norm, the rotary embedding and the LM head
-    are the target's own modules, shared, not copied.
+    (e.g. the last k, or every n-th). The layers are copies; the embeddings, the final norm, the
+    rotary embedding and the LM head are the target's own modules, shared, not copied.
+    (:func:`draftwise.distill.build_draft` builds the same for training, with its own norm.)
     """
-    if (num_layers is None) == (layers is None):
-        raise TypeError("layer_draft takes exactly one of num_layers and layers")
-    decoder = target.get_decoder()
-    stack = getattr(decoder, "layers", None)
-    if not isinstance(stack, nn.ModuleList):
-        raise TypeError(f"layer_draft needs a decoder with a `layers` ModuleList, got {type(decoder).__name__}")
-    total = len(stack)
-    if layers is None:
-        if not isinstance(num_layers, int) or not 1 <= num_layers <= total:
-            raise ValueError(f"num_layers must be an int in [1, {total}], got {num_layers!r}")
-        layers = range(num_layers)
-    layers = [int(i) for i in layers]
-    if not layers or any(not 0 <= i < total for i in layers):
-        raise ValueError(f"layers must be a non-empty list of indices in [0, {total}), got {layers}")
+    from draftwise.distill.draft import build_draft
 
-    config = copy.deepcopy(target.config)
-    config.num_hidden_layers = len(layers)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in layers]
-    with torch.device("meta"):  # every tensor below is replaced; nothing is allocated twice
-        draft = type(target)._from_config(config, dtype=target.dtype)
-    draft_decoder = draft.get_decoder()
-    for name, module in decoder.named_children():
-        if name != "layers":
-            setattr(draft_decoder, name, module)  # embed_tokens, norm, rotary_emb: shared
-    copies = []
-    for new_index, i in enumerate(layers):
-        layer = copy.deepcopy(stack[i])
-        for sub in layer.modules():  # the KV cache is indexed by the layer's position in the stack
-            if hasattr(sub, "layer_idx"):
-                sub.layer_idx = new_index
-        copies.append(layer)
-    draft_decoder.layers = nn.ModuleList(copies)
-    draft.set_output_embeddings(target.get_output_embeddings())
-    if target.generation_config is not None:
-        draft.generation_config = copy.deepcopy(target.generation_config)
-    left = [name for name, t in [*draft.named_parameters(), *draft.named_buffers()] if t.is_meta]
-    assert not left, f"draft tensors left unset: {left}"
+    draft = build_draft(target, num_layers, layers=layers)
+    draft.get_decoder().norm = target.get_decoder().norm
     return draft.train(target.training)
 
 

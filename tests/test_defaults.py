@@ -132,10 +132,14 @@ def test_layer_draft_rejects_bad_arguments(target_and_tokenizer, kwargs):
 
 
 def test_load_default(cache_dir):
-    from draftwise.engine import PromptLookupDrafter
+    from draftwise.engine.draft_model import draft_vocab_ids
 
     target, tokenizer, draft = load_default(cache_dir=cache_dir)
-    assert isinstance(draft, PromptLookupDrafter) and draft.max_ngram == DEFAULT_DRAFT.max_ngram
+    assert not draft.training and draft.get_input_embeddings() is target.get_input_embeddings()  # shared
+    assert draft.config.num_hidden_layers < target.config.num_hidden_layers
+    ids = draft_vocab_ids(draft)
+    assert ids is not None and len(ids) < target.config.vocab_size  # a reduced vocabulary
+    assert sum(f.stat().st_size for f in DEFAULT_DRAFT.folder.iterdir()) < 40e6  # small enough to ship
     model_draft = load_model_draft(target)
     assert not model_draft.training
     assert [layer.self_attn.layer_idx for layer in model_draft.model.layers] == list(range(len(MODEL_DRAFT.layers)))

@@ -20,24 +20,26 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a t
 def pair():
     from draftwise.defaults import load_default, load_model_draft
 
-    target, tokenizer, _ = load_default()
+    target, tokenizer, distilled = load_default()
     tokenizer.padding_side = "left"
-    return target, tokenizer, load_model_draft(target)
+    return target, tokenizer, load_model_draft(target), distilled
 
 
-@pytest.mark.parametrize("drafts", ["model-draft", "prompt-lookup"])
+@pytest.mark.parametrize("drafts", ["model-draft", "distilled-draft", "prompt-lookup"])
 def test_greedy_equals_smollm2_generate(pair, drafts):
-    target, tokenizer, draft = pair
+    target, tokenizer, draft, distilled = pair
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)  # a batch of 3, left-padded
     kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     want = target.generate(**inputs, **kwargs)
-    extra = {"assistant_model": draft} if drafts == "model-draft" else {"prompt_lookup_num_tokens": 4}
+    extra = {"assistant_model": distilled if drafts == "distilled-draft" else draft}
+    if drafts == "prompt-lookup":
+        extra = {"prompt_lookup_num_tokens": 4}
     got = draftwise.generate(target, **inputs, **extra, **kwargs)
     assert torch.equal(got, want), tokenizer.batch_decode(got[:, inputs["input_ids"].shape[1]:])
 
 
 def test_stop_strings_cut_the_output(pair):
-    target, tokenizer, draft = pair
+    target, tokenizer, draft, _ = pair
     inputs = tokenizer(["Count: one, two, three,"], return_tensors="pt")
     free = draftwise.generate(target, **inputs, assistant_model=draft, max_new_tokens=16, do_sample=False)
     text = tokenizer.decode(free[0, inputs["input_ids"].shape[1]:])

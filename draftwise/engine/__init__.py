@@ -1,6 +1,7 @@
 """The engine: KV caches for a target and its drafts, the speculative loop, drop-in generate()."""
 
-from .drafters import Draft, ModelDrafter, PromptLookupDrafter
+from .draft_model import load_draft
+from .drafters import Draft, LookupThenModelDrafter, ModelDrafter, PromptLookupDrafter
 from .generate import SpeculativeEngine, SpeculativeOutput, generate
 from .models import ModelRunner
 from .speculate import GammaSchedule
@@ -9,6 +10,7 @@ from .stats import SpecStats
 __all__ = [
     "Draft",
     "GammaSchedule",
+    "LookupThenModelDrafter",
     "ModelDrafter",
     "ModelRunner",
     "PromptLookupDrafter",
@@ -16,4 +18,5 @@ __all__ = [
     "SpeculativeEngine",
     "SpeculativeOutput",
     "generate",
+    "load_draft",
 ]

@@ -96,13 +96,15 @@ class ModelDrafter:
 
 class PromptLookupDrafter:
     """Prompt lookup: find the latest earlier occurrence of the row's last n tokens (n from
-    ``max_ngram`` down to 1) in its prompt and output, and propose the tokens that followed it.
+    ``max_ngram`` down to ``min_ngram``) in its prompt and output, and propose the tokens that followed it.
     Proposals are one-hot, so verification stays exact; rows without a match propose nothing."""
 
-    def __init__(self, max_ngram: int = 2, name: str = "prompt-lookup"):
+    def __init__(self, max_ngram: int = 2, name: str = "prompt-lookup", min_ngram: int = 1):
         if max_ngram < 1:
             raise ValueError(f"max_ngram: expected >= 1, got {max_ngram}")
-        self.max_ngram = max_ngram
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"min_ngram: expected a value in [1, max_ngram={max_ngram}], got {min_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.name = name
 
     def start(self, buffer: TokenBuffer, attention_mask: torch.Tensor, vocab: int) -> None:
@@ -112,7 +114,7 @@ class PromptLookupDrafter:
         tokens, lengths = buffer.tokens, buffer.lengths
         batch, capacity = tokens.shape
         found = torch.full((batch,), -1, dtype=torch.int64, device=tokens.device)  # continuation start
-        for n in range(self.max_ngram, 0, -1):
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if capacity <= n:
                 continue
             pattern = tokens.gather(1, (lengths.view(-1, 1) - n + torch.arange(n, device=tokens.device)).clamp(min=0))
@@ -133,3 +135,43 @@ class PromptLookupDrafter:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         pass
+
+
+class LookupThenModelDrafter:
+    """Prompt lookup where the row's last ``lookup.min_ngram``+ tokens occurred before, the draft
+    model elsewhere: copying costs nothing when the output repeats its context (code, names,
+    quotes), and the model drafts the rest. A step that every row can copy skips the model; its
+    cache catches up on the next step it drafts (it re-runs only the tokens it has not seen)."""
+
+    def __init__(self, model: ModelDrafter, lookup: PromptLookupDrafter | None = None, name: str | None = None):
+        self.model = model
+        self.lookup = lookup or PromptLookupDrafter(max_ngram=3, min_ngram=2)
+        self.name = name or f"{model.name}+lookup"
+
+    def start(self, buffer: TokenBuffer, attention_mask: torch.Tensor, vocab: int) -> None:
+        self.model.start(buffer, attention_mask, vocab)
+        self.lookup.start(buffer, attention_mask, vocab)
+
+    def propose(self, buffer: TokenBuffer, gamma: int, sampling: Sampling) -> Draft:
+        copied = self.lookup.propose(buffer, gamma, sampling)
+        found = copied.tokens[:, 0] >= 0
+        everywhere, anywhere = torch.stack([found.all(), found.any()]).tolist()  # one sync per step
+        if everywhere:
+            return copied
+        drafted = self.model.propose(buffer, gamma, sampling)
+        if not anywhere:
+            return drafted
+        missing = gamma - drafted.tokens.shape[1]  # the model may stop early (confidence threshold)
+        tokens = torch.nn.functional.pad(drafted.tokens, (0, missing), value=PAD_TOKEN)
+        tokens = torch.where(found[:, None], copied.tokens, tokens)
+        probs = drafted.probs if drafted.probs is None else torch.nn.functional.pad(drafted.probs, (0, 0, 0, missing))
+        if probs is not None:  # a copied token's proposal is one-hot
+            one_hot = torch.nn.functional.one_hot(tokens.clamp(min=0), probs.shape[-1]).to(probs.dtype)
+            probs = torch.where(found[:, None, None], one_hot, probs)
+        return Draft(tokens, probs)
+
+    def rollback(self, valid: torch.Tensor) -> None:
+        self.model.rollback(valid)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.model.select_rows(rows)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import numbers
 from typing import Optional, Sequence
 
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from draftwise.kernels import get_implementation, resolve_backend
+from draftwise.kernels import Lenience, get_implementation, resolve_backend
+from draftwise.kernels.spec import LenienceKind
 
-from .drafters import ModelDrafter, PromptLookupDrafter
+from .draft_model import load_draft
+from .drafters import LookupThenModelDrafter, ModelDrafter, PromptLookupDrafter
 from .models import ModelRunner
 from .sampling import Sampling
 from .sequence import TokenBuffer
@@ -26,6 +30,7 @@ SUPPORTED = (
     "max_matching_ngram_size", "assistant_confidence_threshold", "eos_token_id", "pad_token_id", "seed",
     "streamer", "stop_strings",
     "tokenizer", "return_dict_in_generate", "use_cache", "generation_config",
+    "lenience",  # draftwise's own: DistillSpec's lossy acceptance
 )
 DEFAULT_GAMMA = 3
 MAX_GAMMA = 12
@@ -44,7 +49,7 @@ def _vocab_width(model) -> int:
 
 
 def _as_drafter(draft, name: str):
-    if isinstance(draft, (ModelDrafter, PromptLookupDrafter)):
+    if isinstance(draft, (ModelDrafter, PromptLookupDrafter, LookupThenModelDrafter)):
         return draft
     if isinstance(draft, torch.nn.Module):
         return ModelDrafter(draft, name=name)
@@ -53,6 +58,8 @@ def _as_drafter(draft, name: str):
 
 def _check_vocabulary(target, drafter, tokenizer) -> None:
     """Drafts must share the target's vocabulary (padding past the tokenizer's is fine)."""
+    if isinstance(drafter, LookupThenModelDrafter):
+        drafter = drafter.model
     if not isinstance(drafter, ModelDrafter):
         return
     target_vocab, draft_vocab = target.config.vocab_size, drafter.model.config.vocab_size
@@ -71,8 +78,9 @@ def _check_vocabulary(target, drafter, tokenizer) -> None:
 class SpeculativeEngine:
     """A target and its drafts, set up once for repeated ``generate`` calls.
 
-    ``drafts``: draft models (each gets its own KV cache), drafters (``ModelDrafter``,
-    ``PromptLookupDrafter``), or nothing (plain decoding through the engine). With several drafts
+    ``drafts``: draft models (each gets its own KV cache), draft folders (``draftwise distill``
+    output), drafters (``ModelDrafter``, ``PromptLookupDrafter``, ``LookupThenModelDrafter``), or
+    nothing (plain decoding through the engine). With several drafts
     each step picks one by its measured speed. ``backend`` picks the verification kernel once.
     """
 
@@ -80,6 +88,8 @@ class SpeculativeEngine:
         self.target = target
         self.tokenizer = tokenizer
         self.device = next(target.parameters()).device
+        # A path is a draft folder written by draftwise.distill (save_draft): rebuilt on this target.
+        drafts = [load_draft(d, target) if isinstance(d, (str, os.PathLike)) else d for d in drafts]
         self.drafters = [_as_drafter(d, f"draft{i}" if len(drafts) > 1 else "draft") for i, d in enumerate(drafts)]
         # Drafters built here from bare models take each call's assistant_confidence_threshold.
         self.owned = [isinstance(d, torch.nn.Module) for d in drafts]
@@ -130,6 +140,7 @@ class SpeculativeEngine:
             target=self._runner(batch, capacity), drafters=drafters, schedules=schedules,
             verify=self.verify, sampling=sampling, stop=stop, stats=stats, streamer=streamer,
             measure_accept_probs=options["return_dict_in_generate"],
+            lenience_kind=options["lenience_kind"], lenience_epsilon=options["lenience_epsilon"],
         )
         with torch.inference_mode():
             generated = decoder.run(buffer, attention_mask)
@@ -156,6 +167,21 @@ def _check_inputs(input_ids, attention_mask, device):
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("attention_mask: prompts must be left-padded (every row's last position must be a token)")
     return input_ids.to(device), attention_mask.to(device)
+
+
+def _lenience(value) -> tuple[LenienceKind, float]:
+    """``lenience=`` -> the kernel's ``(kind, epsilon)``. A bare float is ``Lenience``'s default
+    kind with that epsilon; epsilon 1 (any kind) is the lossless path itself."""
+    if value is None:
+        return LenienceKind.NONE, 1.0
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = Lenience(epsilon=float(value))  # raises ValueError naming lenience outside (0, 1]
+    if not isinstance(value, Lenience):
+        raise TypeError(f"lenience: expected None, a float epsilon in (0, 1] or a draftwise.Lenience, "
+                        f"got {type(value).__name__}")
+    if float(value.epsilon) == 1.0:
+        return LenienceKind.NONE, 1.0
+    return value.code, float(value.epsilon)
 
 
 def _resolve(model, kwargs: dict) -> dict:
@@ -213,12 +239,14 @@ def _resolve(model, kwargs: dict) -> dict:
         stop_strings = (stop_strings,)
     if stop_strings and kwargs.get("tokenizer") is None:
         raise ValueError("stop_strings: pass tokenizer= as well, to decode the generated tokens")
+    lenience_kind, lenience_epsilon = _lenience(kwargs.get("lenience"))
     return dict(
         max_new_tokens=max_new, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=eos, pad_token_id=pad, gamma=gamma, schedule=schedule, extra_drafters=extra,
         confidence_threshold=threshold,
         seed=seed, streamer=kwargs.get("streamer"), stop_strings=tuple(stop_strings),
         tokenizer=kwargs.get("tokenizer"), return_dict_in_generate=bool(kwargs.get("return_dict_in_generate")),
+        lenience_kind=lenience_kind, lenience_epsilon=lenience_epsilon,
     )
 
 
@@ -247,6 +275,18 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     (adds ``spec_stats``). ``drafts=[...]`` takes several draft models or drafters; ``seed`` makes
     sampling reproducible. Batches of any size with left-padded prompts are supported. Any other
     argument raises a ``TypeError`` that names it.
+
+    ``lenience`` (draftwise's own) trades exactness for acceptance, as DistillSpec's lossy
+    speculative sampling: a drafted x passes when ``u * q(x) < f(p(x), epsilon)``. It takes
+    ``None`` (default: exact), a ``draftwise.Lenience(kind, epsilon)`` with kind "linear"
+    (``f = p / epsilon``), "square" (``f = p / epsilon**2``) or "power" (``f = p ** epsilon``), or a
+    float epsilon in (0, 1], which means ``Lenience("power", epsilon)``. Epsilon 1 is exactly the
+    lossless path; smaller values accept more drafts and move the output away from the target's
+    distribution towards the draft's. Tokens the target's top-k / top-p removes (p = 0) are still
+    rejected. Lenience only changes sampled rows: greedy decoding (``do_sample=False`` or
+    ``temperature=0``) still accepts a draft only when it is the target's argmax, so its output
+    stays the target's own. An epsilon outside (0, 1] raises a ``ValueError`` naming ``lenience``,
+    any other type a ``TypeError``.
     """
     if input_ids is None:
         raise ValueError("input_ids: required")

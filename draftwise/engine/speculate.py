@@ -181,6 +181,8 @@ class Decoder:
     stats: SpecStats
     streamer: object = None
     measure_accept_probs: bool = False
+    lenience_kind: LenienceKind = LenienceKind.NONE  # lossy acceptance f(p, epsilon); NONE: exact
+    lenience_epsilon: float = 1.0
 
     def run(self, buffer: TokenBuffer, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         start = time.perf_counter()
@@ -244,7 +246,8 @@ class Decoder:
         s = self.sampling
         return ChainInputs(
             draft_tokens=tokens, draft_probs=probs, target_logits=logits, temperature=s.temperature,
-            top_k=s.top_k, top_p=s.top_p, lenience_kind=LenienceKind.NONE, lenience_epsilon=1.0,
+            top_k=s.top_k, top_p=s.top_p, lenience_kind=self.lenience_kind,
+            lenience_epsilon=self.lenience_epsilon,
             seeds=s.step_seeds(self.produced), uniforms=None, return_accept_probs=accept_probs,
         )
 

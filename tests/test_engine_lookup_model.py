@@ -1,0 +1,57 @@
+"""LookupThenModelDrafter: prompt lookup where the context repeats, the draft model elsewhere."""
+
+import torch
+from test_distribution import ALPHA, chi_square
+from test_engine_generate import _first_two_token_law
+from tiny_models import tiny_model
+
+import draftwise
+from draftwise.engine import LookupThenModelDrafter, ModelDrafter, PromptLookupDrafter
+
+PAD = 2
+
+
+def _repetitive_prompts():
+    """Row 0 ends with a bigram seen before (lookup copies), rows 1-2 do not (the model drafts)."""
+    rows = [[5, 9, 12, 40, 41, 42, 43, 7, 9, 12], [3, 4, 5, 6, 7, 8, 10, 11, 13, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]]
+    return torch.tensor(rows), torch.ones(3, 10, dtype=torch.long)
+
+
+def test_greedy_output_is_the_target_s_with_rows_copying_and_drafting():
+    target, draft = tiny_model("llama", layers=2, seed=0), tiny_model("llama", layers=1, seed=1)
+    ids, mask = _repetitive_prompts()
+    drafter = LookupThenModelDrafter(ModelDrafter(draft), PromptLookupDrafter(max_ngram=3, min_ngram=2))
+    out = draftwise.generate(target, ids, mask, assistant_model=drafter, max_new_tokens=24, do_sample=False,
+                             eos_token_id=None, pad_token_id=PAD, num_assistant_tokens=3, return_dict_in_generate=True)
+    want = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                           pad_token_id=PAD)
+    assert torch.equal(out.sequences, want)
+    assert out.spec_stats.drafted > 0
+
+
+def test_sampling_keeps_the_target_distribution():
+    """Half the rows copy (their prompt ends with a bigram seen before), half draft with the model:
+    both halves follow the target's law of the first two tokens."""
+    target = tiny_model("llama", layers=2, vocab=16, seed=0)
+    target.generation_config.eos_token_id = None
+    draft = tiny_model("llama", layers=1, vocab=16, seed=3)
+    prompts = torch.tensor([[3, 7, 5, 9, 3, 7], [3, 7, 5, 9, 4, 6]])
+    drafter = LookupThenModelDrafter(ModelDrafter(draft), PromptLookupDrafter(max_ngram=2, min_ngram=2))
+    out = draftwise.generate(target, prompts.repeat(10_000, 1), assistant_model=drafter, num_assistant_tokens=2,
+                             max_new_tokens=2, do_sample=True, temperature=1.0, top_k=0, seed=5, pad_token_id=0,
+                             return_dict_in_generate=True)
+    for row, prompt in enumerate(prompts):
+        sequences = out.sequences[row::2]
+        pairs = sequences[:, -2] * 16 + sequences[:, -1]
+        fit = chi_square(torch.bincount(pairs, minlength=256), _first_two_token_law(target, prompt[None], 1.0).flatten())
+        assert fit.pvalue > ALPHA, f"prompt {row}: joint law of the first two tokens: {fit}"
+    assert 0 < out.spec_stats.alpha < 1
+
+
+def test_min_ngram_limits_lookup_to_longer_matches():
+    from draftwise.engine.sequence import TokenBuffer
+
+    ids = torch.tensor([[1, 2, 3, 9, 8, 3]])  # "3" occurs before, "8 3" does not
+    buffer = TokenBuffer.from_prompt(ids, torch.ones_like(ids), capacity=12)
+    assert PromptLookupDrafter(max_ngram=2).propose(buffer, 2, sampling=None).tokens.tolist() == [[9, 8]]
+    assert PromptLookupDrafter(max_ngram=2, min_ngram=2).propose(buffer, 2, sampling=None).tokens.tolist() == [[-1, -1]]
