@@ -23,6 +23,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     target, tokenizer, draft = load_default()
+    # Copy from the context where the last tokens occurred before, draft with the model elsewhere.
+    hybrid = draftwise.LookupThenModelDrafter(draftwise.ModelDrafter(draft, confidence_threshold=0.4))
     prompts = demo_prompts(tokenizer)[: args.prompts]
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     g = args.gamma
@@ -35,6 +37,9 @@ def _demo(args: argparse.Namespace) -> int:
             return_dict_in_generate=True, **common),
         "draftwise, adaptive gamma": lambda x: draftwise.generate(
             target, **x, assistant_model=draft, num_assistant_tokens_schedule="adaptive",
+            return_dict_in_generate=True, **common),
+        "draftwise, draft + prompt lookup, adaptive": lambda x: draftwise.generate(
+            target, **x, assistant_model=hybrid, num_assistant_tokens_schedule="adaptive",
             return_dict_in_generate=True, **common),
     }
     print(f"target: {type(target).__name__} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M parameters); "
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="speculative decoding on the default model pair, vs the target alone")
     demo.add_argument("--prompts", type=int, default=4, help="how many of the demo prompts")
     demo.add_argument("--max-new-tokens", type=int, default=64)
-    demo.add_argument("--gamma", type=int, default=4, help="drafted tokens per step of the fixed-gamma runs")
+    demo.add_argument("--gamma", type=int, default=2, help="drafted tokens per step of the fixed-gamma runs")
     demo.set_defaults(run=_demo)
     kernel = commands.add_parser("verify-demo", help="the verification kernel alone on a realistic batch")
     kernel.add_argument("--batch", type=int, default=8)
