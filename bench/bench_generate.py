@@ -1,10 +1,10 @@
-"""End-to-end decoding speed on the default pair: the target alone, Hugging Face's assisted
+"""End-to-end decoding speed on the default target: the target alone, Hugging Face's assisted
 generation (batch 1, where it can) and draftwise, side by side in one run.
 
     python bench/bench_generate.py                 # the full sweep -> bench/results/generate_cpu.*
     python bench/bench_generate.py --quick         # fewer prompts and gammas
 
-Two drafts: the default draft (distilled from the target, ``draftwise.defaults.DEFAULT_DRAFT``)
+Two drafts: the best layer draft (the target's first layer on its shared embeddings and head)
 and prompt lookup. For every (batch, mode, gamma, draft): tokens per second over the same real
 prompts (the demo's), and for draftwise alpha, tau and the time split (draft / target / verify /
 other); "overhead" = (verify + other) / total is the time outside the model forwards.
@@ -22,7 +22,7 @@ import torch
 import transformers
 
 import draftwise
-from draftwise.defaults import DEFAULT_DRAFT, demo_prompts, load_default
+from draftwise.defaults import MODEL_DRAFT, demo_prompts, load_default, load_model_draft
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,7 +64,8 @@ def _measure(name, run, batches, pad) -> dict:
 
 def sweep(args) -> dict:
     torch.manual_seed(0)
-    target, tokenizer, draft = load_default()
+    target, tokenizer, _ = load_default()
+    draft = load_model_draft(target)
     pad = tokenizer.pad_token_id
     prompts = demo_prompts(tokenizer)[: args.prompts]
     results = []
@@ -80,13 +81,13 @@ def sweep(args) -> dict:
             for gamma in args.gammas:
                 spec = dict(num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", **common)
                 runs = {
-                    "draftwise-distilled": lambda x: draftwise.generate(
+                    "draftwise-layer": lambda x: draftwise.generate(
                         target, **x, assistant_model=draft, seed=0, return_dict_in_generate=True, **spec),
                     "draftwise-lookup": lambda x: draftwise.generate(
                         target, **x, prompt_lookup_num_tokens=gamma, seed=0, return_dict_in_generate=True, **spec),
                 }
                 if batch == 1:  # Hugging Face's assisted generation takes one row only
-                    runs["hf-distilled"] = lambda x: target.generate(**x, assistant_model=draft, **spec)
+                    runs["hf-layer"] = lambda x: target.generate(**x, assistant_model=draft, **spec)
                     runs["hf-lookup"] = lambda x: target.generate(**x, prompt_lookup_num_tokens=gamma, **common)
                 for name, run in runs.items():
                     row = _measure(name, run, batches, pad)
@@ -97,7 +98,7 @@ def sweep(args) -> dict:
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "draftwise": draftwise.__version__},
-        "target": "SmolLM2-135M-Instruct (fp32)", "distilled draft": str(DEFAULT_DRAFT.folder.name), "lookup draft": "prompt lookup, 2-grams",
+        "target": "SmolLM2-135M-Instruct (fp32)", "layer draft": repr(MODEL_DRAFT), "lookup draft": "prompt lookup, 2-grams",
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "results": results,
     }
 
@@ -126,7 +127,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, mode in zip(axes[0], modes):
         rows = [r for r in report["results"] if r["mode"] == mode]
         for batch in sorted({r["batch"] for r in rows}):
-            for provider in ("draftwise-distilled", "hf-distilled", "draftwise-lookup", "hf-lookup"):
+            for provider in ("draftwise-layer", "hf-layer", "draftwise-lookup", "hf-lookup"):
                 points = sorted((r["gamma"], r["tokens_per_second"]) for r in rows
                                 if r["batch"] == batch and r["provider"] == provider)
                 if points:

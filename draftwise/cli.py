@@ -70,14 +70,14 @@ def _demo(args: argparse.Namespace) -> int:
                 print(f"  [{name}: output differs from the target's own greedy output]")
     base = totals["target alone"][1] / totals["target alone"][0]
     print("-" * 100)
-    print(f"\n{'':40} {'tokens/s':>9} {'speedup':>8} {'alpha':>6} {'tau':>5}")
+    print(f"\n{'':44} {'tokens/s':>9} {'speedup':>8} {'alpha':>6} {'tau':>5}")
     for name, (seconds, tokens, stats) in totals.items():
         rate = tokens / seconds
         alpha = tau = ""
         if stats:
             alpha = f"{sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats)):.3f}"
             tau = f"{sum(s.emitted for s in stats) / max(1, sum(s.row_steps for s in stats)):.2f}"
-        print(f"{name:40} {rate:9.1f} {rate / base:7.2f}x {alpha:>6} {tau:>5}")
+        print(f"{name:44} {rate:9.1f} {rate / base:7.2f}x {alpha:>6} {tau:>5}")
     return 0
 
 
