@@ -150,7 +150,8 @@ def _distill(args: argparse.Namespace) -> int:
                            warmup_steps=args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
                            eval_every=args.eval_every,
                            checkpoint_every=args.checkpoint_every, seed=args.seed)
-    trainer = distill(target, tokenizer, data, args.output, layers=args.draft_layers, fresh=args.fresh, mix=mix,
+    trainer = distill(target, tokenizer, data, args.output, layers=args.draft_layers, fresh=args.fresh,
+                      init=args.init_draft, mix=mix,
                       config=config, on_policy_tokens=args.on_policy_tokens, resume=not args.restart)
     last = next((r for r in reversed(trainer.history) if "acceptance" in r), {})
     print(f"draft saved to {args.output}/draft; held-out acceptance {last.get('acceptance', float('nan')):.3f}, "
@@ -215,6 +216,7 @@ def _add_distill(commands) -> None:
     p.add_argument("--output", required=True, help="output folder: draft/, training.json, checkpoint.pt")
     p.add_argument("--draft-layers", type=_ints, default=[0, 1], help="target layers the draft starts from (0,1)")
     p.add_argument("--fresh", action="store_true", help="initialise the draft's layers randomly instead")
+    p.add_argument("--init-draft", help="start from this saved draft folder instead (same vocabulary)")
     p.add_argument("--vocab-size", type=int, default=8192, help="reduced draft vocabulary (0: the target's)")
     p.add_argument("--divergence", default="tvd", choices=["fkl", "rkl", "jsd", "tvd", "ce"],
                    help="what to minimise (ce: the cross-entropy baseline, no distillation)")

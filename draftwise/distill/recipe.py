@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from draftwise.engine.draft_model import draft_vocab_ids, load_draft
+
 from .data import (Example, chat_prompts, corpus_examples, corpus_texts, frequent_tokens, heldout_requests,
                    sample_continuations, teacher_log_probs, training_requests)
 from .draft import build_draft
@@ -133,12 +135,19 @@ def heldout_items(data: PreparedData) -> list[Item]:
 
 
 def distill(target, tokenizer, data: PreparedData, output_dir: str | Path, *, layers=(0, 1),
-            fresh: bool = False, mix: dict[str, float] | None = None, config: DistillConfig = DistillConfig(),
-            on_policy_tokens: int = 48, resume: bool = True, progress: bool = True) -> DistillTrainer:
-    """Build a draft from ``target``'s ``layers`` on the data's vocabulary and train it; the draft
-    lands in ``output_dir/draft``."""
+            fresh: bool = False, init: str | Path | None = None, mix: dict[str, float] | None = None,
+            config: DistillConfig = DistillConfig(), on_policy_tokens: int = 48, resume: bool = True,
+            progress: bool = True) -> DistillTrainer:
+    """Build a draft from ``target``'s ``layers`` on the data's vocabulary (or start from the saved
+    draft ``init``) and train it; the draft lands in ``output_dir/draft``."""
     target.requires_grad_(False)
-    draft = build_draft(target, layers=layers, fresh=fresh, vocab_ids=data.vocab_ids, seed=config.seed)
+    if init is not None:
+        draft = load_draft(init, target).train()
+        ids = draft_vocab_ids(draft)
+        if (ids is None) != (data.vocab_ids is None) or (ids is not None and not torch.equal(ids.cpu(), data.vocab_ids)):
+            raise ValueError(f"init: the draft in {init} predicts another vocabulary than the data's")
+    else:
+        draft = build_draft(target, layers=layers, fresh=fresh, vocab_ids=data.vocab_ids, seed=config.seed)
     sources = make_sources(data, target, draft, mix or {"target": 1.0}, on_policy_tokens=on_policy_tokens,
                            teacher_temperature=config.temperature, eos_token_id=tokenizer.eos_token_id,
                            seed=config.seed)
