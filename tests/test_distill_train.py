@@ -56,6 +56,11 @@ def test_static_source_visits_every_example_once_per_epoch():
     after = [int(i.example.tokens[0]) for i in source.take(5)]
     source.load_state_dict(state)
     assert [int(i.example.tokens[0]) for i in source.take(5)] == after
+    known = [torch.full((1, 3), float(i)) for i in range(7)]  # teacher log-probs computed earlier
+    items = StaticSource("k", examples, None, known=known).take(7)
+    assert all(float(i.teacher[0, 0]) == float(i.example.tokens[0]) for i in items)
+    with pytest.raises(ValueError, match="known"):
+        StaticSource("k", examples, None, known=known[:3])
 
 
 def test_generated_log_probs_equal_a_teacher_pass(target):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import gzip
 import importlib.util
 import json
@@ -77,28 +78,32 @@ def stdlib_functions(files: Sequence[str] | None = None, *, max_lines: int = 25,
     """Sources of top-level functions (and, with ``methods``, of class methods) in the standard
     library (``files``, or every top-level module): held-out files only with ``heldout=True``,
     never otherwise."""
-    root = _stdlib()
     if files is None:
-        files = sorted(p.name for p in root.glob("*.py"))
+        files = sorted(p.name for p in _stdlib().glob("*.py"))
     chosen = [f for f in files if (f in HELDOUT_STDLIB_FILES) == heldout]
+    return [source for name in chosen for source in _functions_in(name, max_lines, methods)]
+
+
+@functools.lru_cache(maxsize=None)
+def _functions_in(name: str, max_lines: int, methods: bool) -> tuple[str, ...]:
+    """The public functions of one stdlib file with 4 to ``max_lines`` lines, dedented (parsed once)."""
+    try:
+        text = (_stdlib() / name).read_text(encoding="utf-8")
+        tree = ast.parse(text)
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return ()
+    lines = text.splitlines()
+    nodes = list(tree.body)
+    if methods:
+        nodes += [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body]
     sources = []
-    for name in chosen:
-        try:
-            text = (root / name).read_text(encoding="utf-8")
-            tree = ast.parse(text)
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        lines = text.splitlines()
-        nodes = list(tree.body)
-        if methods:
-            nodes += [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body]
-        for node in nodes:
-            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-                body = lines[node.lineno - 1:node.end_lineno]
-                if 4 <= len(body) <= max_lines:
-                    indent = len(body[0]) - len(body[0].lstrip())
-                    sources.append("\n".join(line[indent:] for line in body))
-    return sources
+    for node in nodes:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            body = lines[node.lineno - 1:node.end_lineno]
+            if 4 <= len(body) <= max_lines:
+                indent = len(body[0]) - len(body[0].lstrip())
+                sources.append("\n".join(line[indent:] for line in body))
+    return tuple(sources)
 
 
 def doc_passages(max_chars: int = 700, docs_dir: Path = DOCS_DIR) -> list[str]:

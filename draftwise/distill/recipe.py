@@ -117,11 +117,9 @@ def make_sources(data: PreparedData, target, draft, mix: dict[str, float], *, on
         if fraction == 0:
             continue
         if name == "fixed":
-            source = StaticSource(name, data.fixed, None, seed)
-            source.cache = dict(enumerate(data.fixed_teacher))
+            source = StaticSource(name, data.fixed, None, seed, known=data.fixed_teacher)
         elif name == "target":
-            source = StaticSource(name, data.target, None, seed)
-            source.cache = dict(enumerate(data.target_teacher))
+            source = StaticSource(name, data.target, None, seed, known=data.target_teacher)
         else:
             source = OnPolicySource(draft, data.prompts, teacher, max_new_tokens=on_policy_tokens,
                                     temperature=on_policy_temperature, eos_token_id=eos_token_id, seed=seed)

@@ -31,14 +31,18 @@ class Teacher:
 
 
 class StaticSource:
-    """A fixed list of examples, visited in a seeded shuffled order, epoch after epoch; each
-    example's teacher log-probs are computed on its first visit and kept (``teacher=None``: none)."""
+    """A fixed list of examples, visited in a seeded shuffled order, epoch after epoch. Teacher
+    log-probs: ``known`` (one per example, computed earlier), else computed by ``teacher`` on an
+    example's first visit and kept; neither: none (cross-entropy)."""
 
-    def __init__(self, name: str, examples: Sequence[Example], teacher: Teacher | None, seed: int = 0):
+    def __init__(self, name: str, examples: Sequence[Example], teacher: Teacher | None, seed: int = 0,
+                 known: Sequence[torch.Tensor] | None = None):
         if not examples:
             raise ValueError(f"data source {name!r} has no examples")
+        if known is not None and len(known) != len(examples):
+            raise ValueError(f"known: {len(known)} teacher tensors for {len(examples)} examples of {name!r}")
         self.name, self.examples, self.teacher = name, list(examples), teacher
-        self.cache: dict[int, torch.Tensor] = {}
+        self.cache: dict[int, torch.Tensor] = dict(enumerate(known)) if known is not None else {}
         self.seed, self.epoch, self.cursor = seed, 0, 0
         self.order = self._order()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -81,9 +82,7 @@ def subset_logits(model: nn.Module):
 
 def _shared_prefixes(model: nn.Module) -> list[str]:
     """State-dict prefixes of the modules a draft takes from its target (never saved)."""
-    info = getattr(model.config, DRAFT_KEY, None) or {}
-    prefixes = [name + "." for name in info.get("shared", [])]
-    return prefixes
+    return [name + "." for name in getattr(model.config, DRAFT_KEY)["shared"]]
 
 
 def save_draft(model: nn.Module, folder: str | Path, dtype: torch.dtype | None = torch.float16) -> Path:
@@ -117,8 +116,6 @@ def save_draft(model: nn.Module, folder: str | Path, dtype: torch.dtype | None =
         config.dtype = saved_dtype
     save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt"})
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     staging.rename(folder)
     return folder
