@@ -31,27 +31,12 @@ MAX_POSITIONS = 256
 def tiny_config(arch: str, *, layers: int = 2, vocab: int = 101, attn: str = "sdpa"):
     """The config of :func:`tiny_model` (no weights)."""
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    grouped = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
+                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS)
     if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=layers,
-            num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS,
-            max_position_embeddings=MAX_POSITIONS,
-            **common,
-        )
+        config = LlamaConfig(**grouped, **common)
     elif arch == "qwen2":
-        config = Qwen2Config(
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=layers,
-            num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS,
-            max_position_embeddings=MAX_POSITIONS,
-            use_sliding_window=False,
-            **common,
-        )
+        config = Qwen2Config(**grouped, use_sliding_window=False, **common)
     elif arch == "gpt2":
         config = GPT2Config(
             n_embd=HIDDEN,
