@@ -1,0 +1,45 @@
+"""What one forward costs on this machine, through the engine's KV cache: the default target for
+1 token (a decode step) and for γ + 1 tokens (a verification), and the default draft for 1 token.
+
+    python bench/step_costs.py            # median milliseconds over 30 calls, 200-token context
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from draftwise.defaults import load_default
+from draftwise.engine import ModelRunner
+
+
+def step_ms(model, tokens: int, context: int = 200, calls: int = 30) -> float:
+    runner = ModelRunner(model, batch_size=1, capacity=context + tokens + 1)
+    runner.prefill(torch.randint(100, 4000, (1, context)))
+    times = []
+    for i in range(calls + 3):
+        block = torch.randint(100, 4000, (1, tokens))
+        start = time.perf_counter()
+        runner.extend(block)
+        times.append(time.perf_counter() - start)
+        runner.rollback(runner.lengths - tokens)
+    return 1e3 * statistics.median(times[3:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gammas", default="1,2,4")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    target, _, draft = load_default()
+    print(f"target, 1 token: {step_ms(target, 1):.1f} ms")
+    for gamma in (int(g) for g in args.gammas.split(",")):
+        print(f"target, {gamma + 1} tokens (verify gamma {gamma}): {step_ms(target, gamma + 1):.1f} ms")
+    print(f"default draft, 1 token: {step_ms(draft, 1):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
