@@ -4,16 +4,21 @@ generation (batch 1, where it can) and draftwise, side by side in one run.
     python bench/bench_generate.py                 # the full sweep -> bench/results/generate_cpu.*
     python bench/bench_generate.py --quick         # fewer prompts and gammas
 
-Two drafts: the best layer draft (the target's first layer on its shared embeddings and head)
-and prompt lookup. For every (batch, mode, gamma, draft): tokens per second over the same real
-prompts (the demo's), and for draftwise alpha, tau and the time split (draft / target / verify /
-other); "overhead" = (verify + other) / total is the time outside the model forwards.
+Two drafts: a model draft (``--draft distilled``: the shipped default draft; ``--draft layer``:
+the target's first layer on its shared embeddings and head, undistilled) and prompt lookup. For
+every (batch, mode, gamma, draft): tokens per second over the same real prompts (the demo's), and
+for draftwise alpha, tau and the time split (draft / target / verify / other); "overhead" =
+(verify + other) / total is the time outside the model forwards. ``draftwise-<draft>-unpacked``
+is draftwise with the packed GEMM of verification forwards switched off
+(``DRAFTWISE_PACKED_GEMM=0``), to show what it brings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,7 +27,8 @@ import torch
 import transformers
 
 import draftwise
-from draftwise.defaults import MODEL_DRAFT, demo_prompts, load_default, load_model_draft
+from draftwise.defaults import DEFAULT_DRAFT, MODEL_DRAFT, demo_prompts, load_default, load_model_draft
+from draftwise.engine.packed_linear import ENV_SWITCH
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,10 +68,21 @@ def _measure(name, run, batches, pad) -> dict:
     return row
 
 
+@contextlib.contextmanager
+def _unpacked():
+    """draftwise with PyTorch's own GEMM in every forward."""
+    os.environ[ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        del os.environ[ENV_SWITCH]
+
+
 def sweep(args) -> dict:
     torch.manual_seed(0)
-    target, tokenizer, _ = load_default()
-    draft = load_model_draft(target)
+    target, tokenizer, distilled = load_default()
+    draft = distilled if args.draft == "distilled" else load_model_draft(target)
+    d = args.draft
     pad = tokenizer.pad_token_id
     prompts = demo_prompts(tokenizer)[: args.prompts]
     results = []
@@ -80,14 +97,20 @@ def sweep(args) -> dict:
             print(json.dumps(results[-1]))
             for gamma in args.gammas:
                 spec = dict(num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", **common)
+                def run_draftwise(x, **extra):
+                    return draftwise.generate(target, **x, seed=0, return_dict_in_generate=True, **extra, **spec)
+
+                def run_unpacked(x):
+                    with _unpacked():
+                        return run_draftwise(x, assistant_model=draft)
+
                 runs = {
-                    "draftwise-layer": lambda x: draftwise.generate(
-                        target, **x, assistant_model=draft, seed=0, return_dict_in_generate=True, **spec),
-                    "draftwise-lookup": lambda x: draftwise.generate(
-                        target, **x, prompt_lookup_num_tokens=gamma, seed=0, return_dict_in_generate=True, **spec),
+                    f"draftwise-{d}": lambda x: run_draftwise(x, assistant_model=draft),
+                    f"draftwise-{d}-unpacked": run_unpacked,
+                    "draftwise-lookup": lambda x: run_draftwise(x, prompt_lookup_num_tokens=gamma),
                 }
                 if batch == 1:  # Hugging Face's assisted generation takes one row only
-                    runs["hf-layer"] = lambda x: target.generate(**x, assistant_model=draft, **spec)
+                    runs[f"hf-{d}"] = lambda x: target.generate(**x, assistant_model=draft, **spec)
                     runs["hf-lookup"] = lambda x: target.generate(**x, prompt_lookup_num_tokens=gamma, **common)
                 for name, run in runs.items():
                     row = _measure(name, run, batches, pad)
@@ -98,7 +121,9 @@ def sweep(args) -> dict:
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "draftwise": draftwise.__version__},
-        "target": "SmolLM2-135M-Instruct (fp32)", "layer draft": repr(MODEL_DRAFT), "lookup draft": "prompt lookup, 2-grams",
+        "target": "SmolLM2-135M-Instruct (fp32)",
+        "model draft": repr(DEFAULT_DRAFT if args.draft == "distilled" else MODEL_DRAFT),
+        "lookup draft": "prompt lookup, 2-grams",
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "results": results,
     }
 
@@ -127,7 +152,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, mode in zip(axes[0], modes):
         rows = [r for r in report["results"] if r["mode"] == mode]
         for batch in sorted({r["batch"] for r in rows}):
-            for provider in ("draftwise-layer", "hf-layer", "draftwise-lookup", "hf-lookup"):
+            for provider in sorted({r["provider"] for r in rows} - {"target"}):
                 points = sorted((r["gamma"], r["tokens_per_second"]) for r in rows
                                 if r["batch"] == batch and r["provider"] == provider)
                 if points:
@@ -147,9 +172,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts of the batch-4 runs")
     parser.add_argument("--batch1-prompts", type=int, default=2, help="prompts of the batch-1 runs")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--out", default=str(RESULTS / "generate_cpu"))
+    parser.add_argument("--draft", choices=("distilled", "layer"), default="distilled",
+                        help="the model draft: the shipped distilled default, or the undistilled first layer")
+    parser.add_argument("--gammas", default="1,2,4,6,8")
+    parser.add_argument("--out", default=None, help="default: bench/results/generate_cpu (distilled) "
+                        "or generate_cpu_layer")
     args = parser.parse_args()
-    args.batches, args.modes, args.gammas = (1, 4), ("greedy", "T1"), (1, 2, 4, 6, 8)
+    args.batches, args.modes = (1, 4), ("greedy", "T1")
+    args.gammas = tuple(int(g) for g in args.gammas.split(","))
+    args.out = args.out or str(RESULTS / ("generate_cpu" if args.draft == "distilled" else "generate_cpu_layer"))
     if args.quick:
         args.modes, args.gammas = ("greedy",), (2, 4)
     report = sweep(args)

@@ -202,5 +202,18 @@ def test_confidence_threshold_drafts_less_and_changes_nothing(pair):
     assert torch.equal(full.sequences, early.sequences)
     assert early.spec_stats.drafted < full.spec_stats.drafted
     assert full.spec_stats.drafted == 6 * full.spec_stats.row_steps
+    # Below every draft probability: each row proposes one token per step (kept, as in Hugging
+    # Face's assisted generation) and the step stops there, so every verification is 2 tokens wide.
+    widths = []
+    hook = target.register_forward_pre_hook(lambda _, args, kw: widths.append(kw["input_ids"].shape[1]),
+                                            with_kwargs=True)
+    try:
+        doubtful = draftwise.generate(target, ids, mask, assistant_model=draft,
+                                      assistant_confidence_threshold=0.999, **kwargs)
+    finally:
+        hook.remove()
+    assert torch.equal(full.sequences, doubtful.sequences)
+    assert doubtful.spec_stats.drafted == doubtful.spec_stats.row_steps
+    assert widths[0] == ids.shape[1] and set(widths[1:]) == {2}  # the prefill, then the verifications
     with pytest.raises(ValueError, match="assistant_confidence_threshold"):
         draftwise.generate(target, ids, mask, assistant_model=draft, assistant_confidence_threshold=1.5, **kwargs)

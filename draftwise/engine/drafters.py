@@ -32,9 +32,11 @@ class ModelDrafter:
     has not seen (the last emitted token, plus the last accepted draft when all were accepted).
 
     ``confidence_threshold`` (Hugging Face's ``assistant_confidence_threshold``): a row stops
-    drafting at the first token after its first whose draft probability is below it, and the step
-    stops when every row has. Stopping depends on the draft's own distribution only, so the
-    output stays exact. 0 drafts all ``gamma`` tokens.
+    drafting after the first token whose draft probability is below it (that token is still
+    proposed, as in Hugging Face's assisted generation), and the step stops when every row has,
+    so a doubtful draft costs neither another draft forward nor a wider verification. Stopping
+    depends on the draft's own distribution only, so the output stays exact. 0 drafts all
+    ``gamma`` tokens.
     """
 
     def __init__(self, model, name: str | None = None, confidence_threshold: float = 0.0):
@@ -60,13 +62,13 @@ class ModelDrafter:
         logits = self.runner.extend(unseen.clamp(min=0), num_valid=counts)
         last = logits[torch.arange(len(counts), device=counts.device), counts - 1]
         tokens, probs = [], []
-        drafting = torch.ones_like(counts, dtype=torch.bool)
+        drafting = torch.ones_like(counts, dtype=torch.bool)  # rows still drafting
         for i in range(gamma):
             logits_i = self._fit_vocab(last)
             token, q = sampling.draw(logits_i)
-            if self.confidence_threshold > 0 and i > 0:
-                drafting &= self._confidence(logits_i, token, q) >= self.confidence_threshold
+            if self.confidence_threshold > 0:
                 token = torch.where(drafting, token, PAD_TOKEN)
+                drafting &= self._confidence(logits_i, token.clamp(min=0), q) >= self.confidence_threshold
             tokens.append(token)
             probs.append(q)
             if i + 1 == gamma or (self.confidence_threshold > 0 and not bool(drafting.any())):

@@ -28,8 +28,11 @@ than ``sdpa`` and ``eager`` (flash-attention kernels take no arbitrary 4-D mask)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from . import packed_linear
 from .cache import KVCache
 
 __all__ = ["ModelRunner"]
@@ -112,6 +115,7 @@ class ModelRunner:
         self.vocab_size = int(weight.shape[0]) if weight is not None else int(config.vocab_size)
         self.device = param.device
         self.dtype = param.dtype
+        self.linears = packed_linear.for_model(model)  # CPU fp32: packed GEMM for verification-sized forwards
 
     # ------------------------------------------------------------------ state
 
@@ -217,7 +221,8 @@ class ModelRunner:
         position_ids = (slots - cache.starts[:, None]).clamp_min(0)  # padding queries: position 0
         mask = self._attention_mask(slots, kv_length)
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        with torch.inference_mode():
+        routing = self.linears.routing(tokens.numel()) if self.linears is not None else contextlib.nullcontext()
+        with torch.inference_mode(), routing:
             out = self.model(
                 input_ids=tokens,
                 attention_mask=mask,
