@@ -92,6 +92,8 @@ def sweep(args) -> dict:
         for batch in args.batches:
             batches = _batches(tokenizer, prompts, batch, args.batch1_prompts if batch == 1 else len(prompts))
             target.generate(**batches[0], **{**common, "max_new_tokens": 8})  # warm-up
+            # draftwise's warm-up: the first runner of a model packs its weights (packed GEMM)
+            draftwise.generate(target, **batches[0], assistant_model=draft, **{**common, "max_new_tokens": 8})
             base = _measure("target", lambda x: target.generate(**x, **common), batches, pad)
             results.append({"batch": batch, "mode": mode, "gamma": 0, **base})
             print(json.dumps(results[-1]))

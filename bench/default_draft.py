@@ -1,7 +1,8 @@
 """The default pair's speed: SmolLM2 with its distilled draft against the target alone, and the
 distilled draft against the cross-entropy baseline trained for the same steps on the same text.
 
-    python bench/default_draft.py --baseline ~/.cache/draftwise/ce-baseline/draft
+    python bench/default_draft.py --baseline ~/.cache/draftwise/ce-baseline/draft \
+        --extra "other draft=path/to/draft"       # more draft folders to compare (repeatable)
 
 Held-out prompts: the demo's (standard-library files never trained on) and HumanEval (a source
 never trained on). Batch 1; the target alone is timed in the same run. Writes
@@ -29,6 +30,8 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, help="the cross-entropy baseline's draft folder")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=FOLDER",
+                        help="another draft folder to measure beside them (repeatable)")
     parser.add_argument("--gammas", default="2,3,4")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--humaneval", type=int, default=6, help="HumanEval prompts")
@@ -40,6 +43,11 @@ def main() -> None:
     drafts = {"distilled": draft, "distilled + lookup": LookupThenModelDrafter(ModelDrafter(draft))}
     if args.baseline is not None:
         drafts["cross-entropy baseline"] = load_draft(args.baseline, target)
+    for extra in args.extra:
+        name, sep, folder = extra.partition("=")
+        if not sep or not name or not folder:
+            parser.error(f"--extra: expected NAME=FOLDER, got {extra!r}")
+        drafts[name] = load_draft(Path(folder).expanduser(), target)
     chat = lambda r: tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,  # noqa: E731
                                                    add_generation_prompt=True)
     prompt_sets = {"demo (stdlib, held-out files)": (demo_prompts(tokenizer)[:4], ("greedy",)),
