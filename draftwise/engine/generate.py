@@ -270,11 +270,18 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     ``top_p``, ``num_assistant_tokens`` (fixed draft length; default: adaptive, from the measured
     acceptance and costs), ``num_assistant_tokens_schedule`` ("constant", "heuristic",
     "adaptive"), ``assistant_confidence_threshold`` (a draft model stops drafting a row at a token
-    it is less sure of; default 0.4 as in Hugging Face), ``prompt_lookup_num_tokens``, ``max_matching_ngram_size``, ``eos_token_id``,
-    ``pad_token_id``, ``streamer``, ``stop_strings`` + ``tokenizer``, ``return_dict_in_generate``
-    (adds ``spec_stats``). ``drafts=[...]`` takes several draft models or drafters; ``seed`` makes
-    sampling reproducible. Batches of any size with left-padded prompts are supported. Any other
-    argument raises a ``TypeError`` that names it.
+    it is less sure of; default 0.4 as in Hugging Face), ``prompt_lookup_num_tokens``,
+    ``max_matching_ngram_size``, ``eos_token_id``, ``pad_token_id``, ``streamer``, ``stop_strings``
+    + ``tokenizer``, ``return_dict_in_generate`` (adds ``spec_stats``). ``drafts=[...]`` takes
+    several draft models or drafters. Batches of any size with left-padded prompts are supported.
+    Any other argument raises a ``TypeError`` that names it.
+
+    ``seed`` makes a sampled call reproducible when its draft lengths are: with a fixed γ (the
+    "constant" schedule) and one draft, the same call with the same seed gives the same tokens.
+    The adaptive schedule (the default) and the choice among several drafts follow measured
+    timings, so sampled tokens can differ between runs; the heuristic schedule and a sampled
+    draft model share state across the batch, so a row's tokens can depend on the rest of the
+    batch. Every run follows the target's distribution.
 
     ``lenience`` (draftwise's own) trades exactness for acceptance, as DistillSpec's lossy
     speculative sampling: a drafted x passes when ``u * q(x) < f(p(x), epsilon)``. It takes
