@@ -9,17 +9,12 @@ import time
 import torch
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def _demo(args: argparse.Namespace) -> int:
     """Speculative decoding on the default pair, side by side with the target alone and with
     Hugging Face's assisted generation (same draft, same γ), on real held-out prompts."""
     import draftwise
     from draftwise.defaults import DEFAULT_DRAFT, demo_prompts, load_default
+    from draftwise.distill.evaluate import timed
 
     torch.manual_seed(0)
     target, tokenizer, draft = load_default()
@@ -54,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
         width = inputs["input_ids"].shape[1]
         reference = None
         for name, run in runs.items():
-            seconds, out = _timed(lambda: run(inputs))
+            seconds, out = timed(lambda: run(inputs))
             sequences = out.sequences if hasattr(out, "sequences") else out
             new = sequences[0, width:]
             new = new[new != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else new

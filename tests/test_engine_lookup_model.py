@@ -1,5 +1,6 @@
 """LookupThenModelDrafter: prompt lookup where the context repeats, the draft model elsewhere."""
 
+import pytest
 import torch
 from test_distribution import ALPHA, chi_square
 from test_engine_generate import _first_two_token_law
@@ -55,3 +56,11 @@ def test_min_ngram_limits_lookup_to_longer_matches():
     buffer = TokenBuffer.from_prompt(ids, torch.ones_like(ids), capacity=12)
     assert PromptLookupDrafter(max_ngram=2).propose(buffer, 2, sampling=None).tokens.tolist() == [[9, 8]]
     assert PromptLookupDrafter(max_ngram=2, min_ngram=2).propose(buffer, 2, sampling=None).tokens.tolist() == [[-1, -1]]
+
+
+def test_a_wrapped_draft_with_another_vocabulary_is_refused():
+    target = tiny_model("llama", layers=2, seed=0)
+    drafter = LookupThenModelDrafter(ModelDrafter(tiny_model("llama", layers=1, vocab=120, seed=1)))
+    ids, mask = _repetitive_prompts()
+    with pytest.raises(ValueError, match="vocabulary"):
+        draftwise.generate(target, ids, mask, assistant_model=drafter, max_new_tokens=4)

@@ -11,7 +11,8 @@ import torch
 MODES = {"greedy": dict(do_sample=False), "T=1": dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)}
 
 
-def _timed(fn):
+def timed(fn):
+    """``(seconds, fn())``."""
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
@@ -71,7 +72,7 @@ def evaluate_drafts(target, tokenizer, drafts: dict, prompts: Sequence[str], *, 
             seconds, tokens, stats, quality = 0.0, 0, [], [0.0, 0]
             torch.manual_seed(seed)
             for x in inputs:
-                elapsed, out = _timed(lambda: run(x, engine, gamma))
+                elapsed, out = timed(lambda: run(x, engine, gamma))
                 sequences = out if isinstance(out, torch.Tensor) else out.sequences
                 width = x["input_ids"].shape[1]
                 seconds += elapsed

@@ -48,6 +48,11 @@ class ModelDrafter:
         self.runner: ModelRunner | None = None
         self.vocab: int | None = None  # the target's logits width
 
+    @property
+    def draft_model(self):
+        """The draft model this drafter runs (None for drafters without one)."""
+        return self.model
+
     def start(self, buffer: TokenBuffer, attention_mask: torch.Tensor, vocab: int) -> None:
         batch = buffer.tokens.shape[0]
         if self.runner is None or self.runner.cache.capacity < buffer.capacity or self.runner.batch_size != batch:
@@ -109,6 +114,8 @@ class PromptLookupDrafter:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.name = name
 
+    draft_model = None  # no model: proposals are copied from the context
+
     def start(self, buffer: TokenBuffer, attention_mask: torch.Tensor, vocab: int) -> None:
         pass
 
@@ -149,6 +156,10 @@ class LookupThenModelDrafter:
         self.model = model
         self.lookup = lookup or PromptLookupDrafter(max_ngram=3, min_ngram=2)
         self.name = name or f"{model.name}+lookup"
+
+    @property
+    def draft_model(self):
+        return self.model.draft_model
 
     def start(self, buffer: TokenBuffer, attention_mask: torch.Tensor, vocab: int) -> None:
         self.model.start(buffer, attention_mask, vocab)

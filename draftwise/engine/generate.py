@@ -58,11 +58,10 @@ def _as_drafter(draft, name: str):
 
 def _check_vocabulary(target, drafter, tokenizer) -> None:
     """Drafts must share the target's vocabulary (padding past the tokenizer's is fine)."""
-    if isinstance(drafter, LookupThenModelDrafter):
-        drafter = drafter.model
-    if not isinstance(drafter, ModelDrafter):
+    model = drafter.draft_model
+    if model is None:
         return
-    target_vocab, draft_vocab = target.config.vocab_size, drafter.model.config.vocab_size
+    target_vocab, draft_vocab = target.config.vocab_size, model.config.vocab_size
     if target_vocab == draft_vocab:
         return
     real = len(tokenizer) if tokenizer is not None else None
