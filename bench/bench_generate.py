@@ -8,9 +8,9 @@ Two drafts: a model draft (``--draft distilled``: the shipped default draft; ``-
 the target's first layer on its shared embeddings and head, undistilled) and prompt lookup. For
 every (batch, mode, gamma, draft): tokens per second over the same real prompts (the demo's), and
 for draftwise alpha, tau and the time split (draft / target / verify / other); "overhead" =
-(verify + other) / total is the time outside the model forwards. ``draftwise-<draft>-unpacked``
-is draftwise with the packed GEMM of verification forwards switched off
-(``DRAFTWISE_PACKED_GEMM=0``), to show what it brings.
+(verify + other) / total is the time outside the model forwards. ``draftwise-<draft>-torch-gemm``
+is draftwise with the skinny GEMM of verification forwards switched off
+(``DRAFTWISE_SKINNY_GEMM=0``), to show what it brings.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import transformers
 
 import draftwise
 from draftwise.defaults import DEFAULT_DRAFT, MODEL_DRAFT, demo_prompts, load_default, load_model_draft
-from draftwise.engine.packed_linear import ENV_SWITCH
+from draftwise.engine.skinny_linear import ENV_SWITCH
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -69,7 +69,7 @@ def _measure(name, run, batches, pad) -> dict:
 
 
 @contextlib.contextmanager
-def _unpacked():
+def _torch_gemm():
     """draftwise with PyTorch's own GEMM in every forward."""
     os.environ[ENV_SWITCH] = "0"
     try:
@@ -92,7 +92,7 @@ def sweep(args) -> dict:
         for batch in args.batches:
             batches = _batches(tokenizer, prompts, batch, args.batch1_prompts if batch == 1 else len(prompts))
             target.generate(**batches[0], **{**common, "max_new_tokens": 8})  # warm-up
-            # draftwise's warm-up: the first runner of a model packs its weights (packed GEMM)
+            # draftwise's warm-up (the first call of a process also loads the C++ extension)
             draftwise.generate(target, **batches[0], assistant_model=draft, **{**common, "max_new_tokens": 8})
             base = _measure("target", lambda x: target.generate(**x, **common), batches, pad)
             results.append({"batch": batch, "mode": mode, "gamma": 0, **base})
@@ -102,13 +102,13 @@ def sweep(args) -> dict:
                 def run_draftwise(x, **extra):
                     return draftwise.generate(target, **x, seed=0, return_dict_in_generate=True, **extra, **spec)
 
-                def run_unpacked(x):
-                    with _unpacked():
+                def run_torch_gemm(x):
+                    with _torch_gemm():
                         return run_draftwise(x, assistant_model=draft)
 
                 runs = {
                     f"draftwise-{d}": lambda x: run_draftwise(x, assistant_model=draft),
-                    f"draftwise-{d}-unpacked": run_unpacked,
+                    f"draftwise-{d}-torch-gemm": run_torch_gemm,
                     "draftwise-lookup": lambda x: run_draftwise(x, prompt_lookup_num_tokens=gamma),
                 }
                 if batch == 1:  # Hugging Face's assisted generation takes one row only

@@ -1,6 +1,6 @@
 """What one forward costs on this machine, through the engine's KV cache: the default target for
-1 token (a decode step) and for γ + 1 tokens (a verification), with the packed GEMM of
-verification-sized forwards and without it (``DRAFTWISE_PACKED_GEMM=0``), and the default draft
+1 token (a decode step) and for γ + 1 tokens (a verification), with the skinny GEMM of
+verification-sized forwards and without it (``DRAFTWISE_SKINNY_GEMM=0``), and the default draft
 for 1 token.
 
     python bench/step_costs.py            # median milliseconds over 30 calls, 200-token context
@@ -17,7 +17,7 @@ import torch
 
 from draftwise.defaults import load_default
 from draftwise.engine import ModelRunner
-from draftwise.engine.packed_linear import ENV_SWITCH
+from draftwise.engine.skinny_linear import ENV_SWITCH
 
 
 def step_ms(model, tokens: int, context: int = 200, calls: int = 30) -> float:
@@ -35,18 +35,18 @@ def step_ms(model, tokens: int, context: int = 200, calls: int = 30) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gammas", default="1,2,3,4,6,8,12")
+    parser.add_argument("--gammas", default="1,2,3,4,6,8,12,23")
     args = parser.parse_args()
     torch.manual_seed(0)
     target, _, draft = load_default()
-    print("target forward     | packed GEMM | PyTorch GEMM")
+    print("target forward            | skinny GEMM | PyTorch GEMM")
     for tokens in [1] + [int(g) + 1 for g in args.gammas.split(",")]:
-        packed = step_ms(target, tokens)
+        skinny = step_ms(target, tokens)
         os.environ[ENV_SWITCH] = "0"
-        unpacked = step_ms(target, tokens)
+        torch_gemm = step_ms(target, tokens)
         del os.environ[ENV_SWITCH]
         label = f"{tokens} token" + ("" if tokens == 1 else f"s (verify gamma {tokens - 1})")
-        print(f"{label:<25} | {packed:8.1f} ms | {unpacked:8.1f} ms")
+        print(f"{label:<25} | {skinny:8.1f} ms | {torch_gemm:8.1f} ms")
     print(f"default draft, 1 token: {step_ms(draft, 1):.1f} ms")
 
 

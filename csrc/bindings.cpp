@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "skinny_linear.h"
 #include "verify_chain.h"
 
 namespace py = pybind11;
@@ -58,6 +59,22 @@ void philox_uniforms_py(int64_t seed, uint32_t c0_start, uint32_t c1, uint32_t c
                              pointer<float>(out_ptr));
 }
 
+void skinny_linear_py(uintptr_t x_ptr, uintptr_t weight_ptr, uintptr_t bias_ptr, uintptr_t y_ptr,
+                      int64_t m, int64_t n, int64_t k, int isa, int num_threads) {
+  draftwise::SkinnyLinearArgs a;
+  a.x = pointer<const float>(x_ptr);
+  a.weight = pointer<const float>(weight_ptr);
+  a.bias = pointer<const float>(bias_ptr);
+  a.y = pointer<float>(y_ptr);
+  a.m = m;
+  a.n = n;
+  a.k = k;
+  a.isa = static_cast<draftwise::SkinnyIsa>(isa);
+  a.num_threads = num_threads;
+  py::gil_scoped_release release;
+  draftwise::skinny_linear(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -78,4 +95,11 @@ PYBIND11_MODULE(_C, m) {
         "counter (c0_start + i, c1, c2, 0) keyed by seed, at address out_ptr.",
         py::arg("seed"), py::arg("c0_start"), py::arg("c1"), py::arg("c2"), py::arg("n"),
         py::arg("out_ptr"));
+  m.def("skinny_linear_best_isa", [] { return static_cast<int>(draftwise::skinny_linear_best_isa()); },
+        "The fastest instruction set of skinny_linear on this CPU: 0 scalar, 1 AVX2+FMA, 2 AVX-512.");
+  m.def("skinny_linear", &skinny_linear_py,
+        "y[m, n] = sum_k x[m, k] * weight[n, k] (+ bias[n]) on contiguous float32 CPU buffers "
+        "(pointers are addresses; bias_ptr 0 = none).",
+        py::arg("x_ptr"), py::arg("weight_ptr"), py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("m"),
+        py::arg("n"), py::arg("k"), py::arg("isa"), py::arg("num_threads"));
 }

@@ -32,7 +32,7 @@ import contextlib
 
 import torch
 
-from . import packed_linear
+from . import skinny_linear
 from .cache import KVCache
 
 __all__ = ["ModelRunner"]
@@ -115,7 +115,7 @@ class ModelRunner:
         self.vocab_size = int(weight.shape[0]) if weight is not None else int(config.vocab_size)
         self.device = param.device
         self.dtype = param.dtype
-        self.linears = packed_linear.for_model(model)  # CPU fp32: packed GEMM for verification-sized forwards
+        self.linears = skinny_linear.for_model(model)  # CPU fp32: skinny GEMM for verification-sized forwards
 
     # ------------------------------------------------------------------ state
 

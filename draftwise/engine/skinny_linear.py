@@ -1,0 +1,75 @@
+"""Verification-sized forwards of fp32 models on the CPU through the skinny-GEMM kernel.
+
+A verification forward runs ``batch x (gamma + 1)`` rows through every linear layer. On the CPU,
+PyTorch's fp32 GEMM repacks each weight on every call, and from 4 rows on that costs more than
+reading the weight: for the default target, 5 tokens take 52 ms against 33 ms for one. The kernel
+:func:`draftwise.kernels.linear.skinny_linear` reads each weight once for all the rows (5 tokens:
+43 ms; ``python bench/step_costs.py``).
+
+Inside :meth:`SkinnyLinears.routing`, a forward of ``MIN_ROWS`` to ``MAX_ROWS`` rows runs the
+model's ``nn.Linear`` layers through the kernel; any other forward, device or dtype is left alone,
+and so are forwards that record autograd. ``DRAFTWISE_SKINNY_GEMM=0`` turns the path off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+from torch import nn
+
+from ..kernels import linear as linear_kernel
+
+MIN_ROWS = 4  # fewer rows: PyTorch's GEMM is as fast (its single-row path reads the weight once)
+MAX_ROWS = 20  # more rows: the product is no longer bound by reading the weight; PyTorch's GEMM is as fast
+ENV_SWITCH = "DRAFTWISE_SKINNY_GEMM"  # "0" turns the path off (for side-by-side timing)
+
+
+def enabled() -> bool:
+    return linear_kernel.available() and os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def routes(rows: int) -> bool:
+    """Whether a forward of ``rows`` rows (batch x tokens) runs through the kernel."""
+    return MIN_ROWS <= rows <= MAX_ROWS
+
+
+def for_model(model: nn.Module) -> SkinnyLinears | None:
+    """The linear layers of ``model`` to route, or None where the path does not apply: not on the
+    CPU, not fp32, the C++ extension missing, or switched off."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu" or param.dtype != torch.float32 or not enabled():
+        return None
+    return SkinnyLinears(model)
+
+
+class SkinnyLinears:
+    """A model's ``nn.Linear`` layers, routed through the kernel for the duration of a forward."""
+
+    def __init__(self, model: nn.Module):
+        # Modules with their own forward already set (wrapped by another library) are left alone.
+        self.linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
+
+    @contextlib.contextmanager
+    def routing(self, rows: int):
+        """Inside, the linear layers run through the kernel when ``rows`` is in the routed range."""
+        if not routes(rows):
+            yield
+            return
+        for module in self.linears:
+            module.forward = functools.partial(_forward, module)
+        try:
+            yield
+        finally:
+            for module in self.linears:
+                del module.forward
+
+
+def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = module.weight, module.bias
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return nn.functional.linear(x, weight, bias)
+    return linear_kernel.skinny_linear(x, weight, bias, check=False)
