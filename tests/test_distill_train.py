@@ -153,3 +153,31 @@ def test_config_errors_name_the_argument():
     config = DistillConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     assert config.lr_factor(0) == pytest.approx(0.1) and config.lr_factor(9) == pytest.approx(1.0)
     assert config.lr_factor(99) == pytest.approx(0.1, abs=1e-3)
+
+
+class _IdTokenizer:
+    """Text of space-separated ids -> ids (what evaluate_drafts needs of a tokenizer)."""
+
+    pad_token_id, eos_token_id = 0, None
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
+        ids = torch.tensor([[int(t) for t in text.split()]])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_evaluate_drafts_rows(target):
+    from draftwise.distill.evaluate import evaluate_drafts
+
+    prompts = [" ".join(str(int(t)) for t in p) for p in _prompts(3, seed=5)]
+    drafts = {"itself": target, "other": tiny_model("llama", layers=1, vocab=VOCAB, seed=9)}
+    rows = evaluate_drafts(target, _IdTokenizer(), drafts, prompts, gammas=(1, 3), modes=("greedy", "T=1"),
+                           max_new_tokens=6, progress=False)
+    assert [(r["mode"], r["draft"], r["gamma"]) for r in rows] == [
+        (m, d, g) for m in ("greedy", "T=1") for d in ("itself", "other") for g in (1, 3)]
+    for row in rows:
+        assert row["speedup"] == pytest.approx(row["tokens_per_s"] / row["target_tokens_per_s"])
+        assert 1.0 <= row["tau"] <= row["gamma"] + 1
+        if row["draft"] == "itself":  # the target drafting for itself is accepted (up to float noise at T=1)
+            assert row["alpha"] == 1.0 if row["mode"] == "greedy" else row["alpha"] > 0.9
+    with pytest.raises(ValueError, match="modes"):
+        evaluate_drafts(target, _IdTokenizer(), drafts, prompts, modes=("beam",))

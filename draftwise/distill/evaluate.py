@@ -64,26 +64,28 @@ def evaluate_drafts(target, tokenizer, drafts: dict, prompts: Sequence[str], *, 
                 runs[(name, gamma)] = lambda x, engine, g: engine.generate(
                     **x, num_assistant_tokens=g, num_assistant_tokens_schedule="constant", seed=seed,
                     return_dict_in_generate=True, lenience=lenience, assistant_confidence_threshold=0.0, **common)
-        results = {}
-        for (name, gamma), run in runs.items():
-            engine = engines.get(name)
+        for (name, gamma), run in runs.items():  # warm-up
             torch.manual_seed(seed)
-            run(inputs[0], engine, gamma)  # warm-up
-            seconds, tokens, stats, quality = 0.0, 0, [], [0.0, 0]
-            torch.manual_seed(seed)
-            for x in inputs:
-                elapsed, out = timed(lambda: run(x, engine, gamma))
+            run(inputs[0], engines.get(name), gamma)
+        totals = {key: [0.0, 0, [], 0.0, 0] for key in runs}  # seconds, tokens, stats, log-lik., count
+        for x in inputs:  # prompt by prompt, every run in turn: a drifting machine slows all alike
+            width = x["input_ids"].shape[1]
+            for (name, gamma), run in runs.items():
+                torch.manual_seed(seed)
+                elapsed, out = timed(lambda: run(x, engines.get(name), gamma))
                 sequences = out if isinstance(out, torch.Tensor) else out.sequences
-                width = x["input_ids"].shape[1]
-                seconds += elapsed
-                tokens += _new_tokens(sequences, width, pad)
+                total = totals[(name, gamma)]
+                total[0] += elapsed
+                total[1] += _new_tokens(sequences, width, pad)
                 if getattr(out, "spec_stats", None) is not None:
-                    stats.append(out.spec_stats)
+                    total[2].append(out.spec_stats)
                 if score_quality:
-                    total, count = target_log_likelihood(target, sequences, width, pad)
-                    quality = [quality[0] + total, quality[1] + count]
+                    log_likelihood, count = target_log_likelihood(target, sequences, width, pad)
+                    total[3] += log_likelihood
+                    total[4] += count
                 bar.update()
-            results[(name, gamma)] = (tokens / seconds, stats, quality[0] / max(1, quality[1]))
+        results = {key: (tokens / seconds, stats, quality / max(1, count))
+                   for key, (seconds, tokens, stats, quality, count) in totals.items()}
         base, _, base_quality = results[("target", 0)]
         for (name, gamma), (rate, stats, quality) in results.items():
             if name == "target":
