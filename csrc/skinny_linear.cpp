@@ -99,37 +99,50 @@ __attribute__((target("avx2,fma"))) float reduce_add_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 4 weight rows x 2 input rows at a time: 8 accumulators of 8 lanes (16 vector registers in all).
-__attribute__((target("avx2,fma"))) void linear_block_avx2(const SkinnyLinearArgs& a,
-                                                           int64_t n_begin, int64_t n_end) {
+// kRows (<= 3) input rows x 4 weight rows: 4 * kRows accumulators of 8 lanes, 16 vector registers
+// at most. Prefetching as in the AVX-512 kernel, one cache line (16 floats) per weight row at a time.
+template <int kRows>
+__attribute__((target("avx2,fma"))) void rows_avx2(const SkinnyLinearArgs& a, int64_t n0, int64_t nb,
+                                                   int64_t m0, bool prefetch) {
   const int64_t k = a.k;
   const int64_t k_main = k - k % 8;
+  const float* w[4];
+  for (int j = 0; j < 4; ++j) w[j] = a.weight + (n0 + std::min<int64_t>(j, nb - 1)) * k;
+  const float* x[kRows];
+  for (int i = 0; i < kRows; ++i) x[i] = a.x + (m0 + i) * k;
+  __m256 acc[4][kRows];
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < kRows; ++i) acc[j][i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < k_main; c += 8) {
+    if (prefetch && c % 16 == 0)
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(w[j] + 4 * k + c), _MM_HINT_T0);
+    __m256 xv[kRows];
+    for (int i = 0; i < kRows; ++i) xv[i] = _mm256_loadu_ps(x[i] + c);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w[j] + c);
+      for (int i = 0; i < kRows; ++i) acc[j][i] = _mm256_fmadd_ps(wv, xv[i], acc[j][i]);
+    }
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    const float b = a.bias ? a.bias[n0 + j] : 0.f;
+    for (int i = 0; i < kRows; ++i) {
+      float sum = reduce_add_avx2(acc[j][i]);
+      for (int64_t c = k_main; c < k; ++c) sum += x[i][c] * w[j][c];
+      a.y[(m0 + i) * a.n + n0 + j] = sum + b;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void linear_block_avx2(const SkinnyLinearArgs& a,
+                                                           int64_t n_begin, int64_t n_end) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
     const int64_t nb = std::min<int64_t>(4, n_end - n0);
-    const float* w[4];
-    for (int j = 0; j < 4; ++j) w[j] = a.weight + (n0 + std::min<int64_t>(j, nb - 1)) * k;
-    for (int64_t m0 = 0; m0 < a.m; m0 += 2) {
-      const int64_t mb = std::min<int64_t>(2, a.m - m0);
-      const float* x[2];
-      for (int i = 0; i < 2; ++i) x[i] = a.x + (m0 + std::min<int64_t>(i, mb - 1)) * k;
-      __m256 acc[4][2];
-      for (int j = 0; j < 4; ++j)
-        for (int i = 0; i < 2; ++i) acc[j][i] = _mm256_setzero_ps();
-      for (int64_t c = 0; c < k_main; c += 8) {
-        __m256 xv[2];
-        for (int i = 0; i < 2; ++i) xv[i] = _mm256_loadu_ps(x[i] + c);
-        for (int j = 0; j < 4; ++j) {
-          const __m256 wv = _mm256_loadu_ps(w[j] + c);
-          for (int i = 0; i < 2; ++i) acc[j][i] = _mm256_fmadd_ps(wv, xv[i], acc[j][i]);
-        }
-      }
-      for (int64_t j = 0; j < nb; ++j) {
-        const float b = a.bias ? a.bias[n0 + j] : 0.f;
-        for (int64_t i = 0; i < mb; ++i) {
-          float sum = reduce_add_avx2(acc[j][i]);
-          for (int64_t c = k_main; c < k; ++c) sum += x[i][c] * w[j][c];
-          a.y[(m0 + i) * a.n + n0 + j] = sum + b;
-        }
+    const bool prefetch = n0 + 8 <= n_end;
+    for (int64_t m0 = 0; m0 < a.m; m0 += 3) {
+      switch (std::min<int64_t>(3, a.m - m0)) {
+        case 1: rows_avx2<1>(a, n0, nb, m0, prefetch && m0 == 0); break;
+        case 2: rows_avx2<2>(a, n0, nb, m0, prefetch && m0 == 0); break;
+        default: rows_avx2<3>(a, n0, nb, m0, prefetch && m0 == 0); break;
       }
     }
   }

@@ -6,8 +6,8 @@ reading the weight: for the default target, 5 tokens take 50 ms against 32 ms fo
 :func:`draftwise.kernels.linear.skinny_linear` reads each weight once for all the rows (5 tokens:
 41 ms; ``python bench/step_costs.py``).
 
-Inside :meth:`SkinnyLinears.routing`, a forward of ``MIN_ROWS`` to ``MAX_ROWS`` rows runs the
-model's ``nn.Linear`` layers through the kernel; any other forward, device or dtype is left alone,
+Inside :meth:`SkinnyLinears.routing`, a forward of ``MIN_ROWS`` to ``MAX_ROWS[isa]`` rows runs the
+model's ``nn.Linear`` layers through the kernel (on a CPU with AVX-512 or AVX2); any other forward, device or dtype is left alone,
 and so are forwards that record autograd. ``DRAFTWISE_SKINNY_GEMM=0`` turns the path off.
 """
 
@@ -23,17 +23,20 @@ from torch import nn
 from ..kernels import linear as linear_kernel
 
 MIN_ROWS = 4  # fewer rows: PyTorch's GEMM is as fast (its single-row path reads the weight once)
-MAX_ROWS = 20  # more rows: the product is no longer bound by reading the weight; PyTorch's GEMM is as fast
+# Past these, the product is no longer bound by reading the weights and PyTorch's GEMM is as fast
+# (measured on the default target's shapes, 2 threads). The portable loop is never routed.
+MAX_ROWS = {"avx512": 20, "avx2": 12}
 ENV_SWITCH = "DRAFTWISE_SKINNY_GEMM"  # "0" turns the path off (for side-by-side timing)
 
 
 def enabled() -> bool:
-    return linear_kernel.available() and os.environ.get(ENV_SWITCH, "1") != "0"
+    return (linear_kernel.available() and linear_kernel.best_isa() in MAX_ROWS
+            and os.environ.get(ENV_SWITCH, "1") != "0")
 
 
 def routes(rows: int) -> bool:
-    """Whether a forward of ``rows`` rows (batch x tokens) runs through the kernel."""
-    return MIN_ROWS <= rows <= MAX_ROWS
+    """Whether a forward of ``rows`` rows (batch x tokens) runs through the kernel on this CPU."""
+    return MIN_ROWS <= rows <= MAX_ROWS.get(linear_kernel.best_isa(), 0)
 
 
 def for_model(model: nn.Module) -> SkinnyLinears | None:
