@@ -37,11 +37,11 @@ def target_log_likelihood(target, sequences: torch.Tensor, width: int, pad: int 
 def evaluate_drafts(target, tokenizer, drafts: dict, prompts: Sequence[str], *, gammas: Sequence[int] = (4,),
                     modes: Sequence[str] = ("greedy", "T=1"), max_new_tokens: int = 64, seed: int = 0,
                     lenience=None, score_quality: bool = False, progress: bool = True) -> list[dict]:
-    """One row per (mode, draft, γ) over ``prompts`` at batch 1, the target alone timed once per
-    mode in the same run: ``alpha`` (accepted / drafted), ``analytic_alpha`` (mean Σ min(p, q)),
-    ``tau`` (tokens per target call), ``tokens_per_s``, ``target_tokens_per_s``, ``speedup`` and,
-    with ``score_quality``, ``log_likelihood`` (the target's mean log-probability of the output
-    tokens). ``drafts``: name -> a draft model or drafter ``draftwise.generate`` takes."""
+    """One row per (mode, draft, γ) over ``prompts`` at batch 1, the target alone timed in the same
+    run (each prompt goes through every run in turn): ``alpha`` (accepted / drafted),
+    ``analytic_alpha`` (mean Σ min(p, q)), ``tau`` (tokens per target call), ``tokens_per_s``,
+    ``target_tokens_per_s``, ``speedup`` and, with ``score_quality``, ``log_likelihood`` (the
+    target's mean log-probability of the output tokens). ``drafts``: name -> a draft model or drafter ``draftwise.generate`` takes."""
     import draftwise
     from tqdm.auto import tqdm
 
