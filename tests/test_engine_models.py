@@ -294,3 +294,45 @@ def test_cache_commit_path_gathers_accepted_nodes():
     assert layer.keys_buffer[1, 0, 3:5, 0].tolist() == [106, 108]
     assert layer.values_buffer[1, 0, 3:5, 0].tolist() == [-106, -108]
     assert layer.keys_buffer[1, 0, :3, 0].tolist() == [3, 4, 5]
+
+
+def test_grouped_heads_stay_inside_sdpa(models):
+    """Multi-token forwards of a grouped-head sdpa model on the CPU run attention.sdpa_attention,
+    give the logits of transformers' own sdpa path, and leave the model's setting as it was."""
+    from draftwise.engine import attention
+
+    model = models("llama", "sdpa")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    gen = torch.Generator().manual_seed(4)
+    prompts = [random_tokens(gen, n) for n in PROMPT_LENGTHS]
+    blocks = [random_tokens(gen, 3, 1), random_tokens(gen, 3, 4)]
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(module.config._attn_implementation))
+
+    def run(gqa: bool):
+        runner, *_ = start(model, prompts)
+        runner.gqa_attention = gqa
+        return [runner.extend(block) for block in blocks]
+
+    try:
+        fast, plain = run(True), run(False)
+    finally:
+        hook.remove()
+    # prefill, T=1, T=4; then prefill (before the switch is turned off), T=1, T=4
+    assert seen == [attention.NAME, "sdpa", attention.NAME, attention.NAME, "sdpa", "sdpa"]
+    assert model.config._attn_implementation == "sdpa"
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not ModelRunner(models("gpt2", "sdpa"), 1, 8).gqa_attention  # one key/value head per head
+    assert not ModelRunner(models("llama", "eager"), 1, 8).gqa_attention
+
+
+def test_attention_switch_is_undone_on_error(models):
+    from draftwise.engine import attention
+
+    model = models("qwen2", "sdpa")
+    with pytest.raises(RuntimeError), attention.using(model):
+        assert model.config._attn_implementation == attention.NAME
+        raise RuntimeError("inside a forward")
+    assert model.config._attn_implementation == "sdpa"

@@ -32,7 +32,7 @@ import contextlib
 
 import torch
 
-from . import skinny_linear
+from . import attention, skinny_linear
 from .cache import KVCache
 
 __all__ = ["ModelRunner"]
@@ -116,6 +116,7 @@ class ModelRunner:
         self.device = param.device
         self.dtype = param.dtype
         self.linears = skinny_linear.for_model(model)  # CPU fp32: skinny GEMM for verification-sized forwards
+        self.gqa_attention = attention.applies(model, config)  # CPU sdpa: grouped heads kept inside SDPA
 
     # ------------------------------------------------------------------ state
 
@@ -222,7 +223,8 @@ class ModelRunner:
         mask = self._attention_mask(slots, kv_length)
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         routing = self.linears.routing(tokens.numel()) if self.linears is not None else contextlib.nullcontext()
-        with torch.inference_mode(), routing:
+        gqa = attention.using(self.model) if self.gqa_attention and steps > 1 else contextlib.nullcontext()
+        with torch.inference_mode(), routing, gqa:
             out = self.model(
                 input_ids=tokens,
                 attention_mask=mask,
