@@ -10,6 +10,9 @@ The model is driven through transformers' own extension points only:
   ``starts_b <= s <= lengths_b + t``; a query on left padding attends only itself, so that no
   softmax row is empty (an empty row gives NaN, which would reach the next layer's keys and
   values). ``sdpa`` gets it as bool, ``eager`` as an additive float mask (0 or the dtype's min).
+- the attention interface: on the CPU, multi-token forwards of an ``sdpa`` model with grouped
+  key/value heads run :func:`draftwise.engine.attention.sdpa_attention` (same numbers, no
+  per-head copies of the keys and values).
 
 Host syncs: none in :meth:`ModelRunner.extend` while the cache's host-side bound of
 ``max(lengths)`` keeps every row within the capacity (see ``KVCache``); near the capacity, one sync
