@@ -84,7 +84,7 @@ def skinny_linear(
     """``torch.nn.functional.linear(x, weight, bias)`` through the kernel, without autograd.
 
     Args:
-        x: ``[..., K]`` float32 on the CPU; any number of rows (it pays from ~4 to ~24).
+        x: ``[..., K]`` float32 on the CPU; any number of rows (it pays from ~4 to ~20).
         weight: ``[N, K]`` contiguous float32; bias: ``[N]`` or None.
         isa: "avx512", "avx2" or "scalar"; None takes :func:`best_isa`.
         num_threads: OpenMP threads; None takes ``torch.get_num_threads()``.
@@ -93,9 +93,10 @@ def skinny_linear(
     if check:
         _check(x, weight, bias)
     threads = torch.get_num_threads() if num_threads is None else int(num_threads)
-    rows = math.prod(x.shape[:-1])
-    flat = x.reshape(rows, x.shape[-1]).contiguous()
-    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    _C.skinny_linear(flat.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-                     rows, weight.shape[0], weight.shape[1], _isa_code(isa), threads)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    x = x.contiguous()  # rows of K floats, one after another: the kernel's layout, whatever the leading dims
+    n, k = weight.shape
+    rows = x.numel() // k if k else math.prod(x.shape[:-1])
+    out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+    _C.skinny_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+                     rows, n, k, _isa_code(isa), threads)
+    return out
