@@ -16,9 +16,7 @@ is draftwise with the skinny GEMM of verification forwards switched off
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ import transformers
 
 import draftwise
 from draftwise.defaults import DEFAULT_DRAFT, MODEL_DRAFT, demo_prompts, load_default, load_model_draft
-from draftwise.engine.skinny_linear import ENV_SWITCH
+from draftwise.engine import skinny_linear
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -68,16 +66,6 @@ def _measure(name, run, batches, pad) -> dict:
     return row
 
 
-@contextlib.contextmanager
-def _torch_gemm():
-    """draftwise with PyTorch's own GEMM in every forward."""
-    os.environ[ENV_SWITCH] = "0"
-    try:
-        yield
-    finally:
-        del os.environ[ENV_SWITCH]
-
-
 def sweep(args) -> dict:
     torch.manual_seed(0)
     target, tokenizer, distilled = load_default()
@@ -103,7 +91,7 @@ def sweep(args) -> dict:
                     return draftwise.generate(target, **x, seed=0, return_dict_in_generate=True, **extra, **spec)
 
                 def run_torch_gemm(x):
-                    with _torch_gemm():
+                    with skinny_linear.switched_off():
                         return run_draftwise(x, assistant_model=draft)
 
                 runs = {

@@ -10,7 +10,6 @@ the default draft for 1 token.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -19,7 +18,7 @@ from transformers import DynamicCache
 
 from draftwise.defaults import load_default
 from draftwise.engine import ModelRunner
-from draftwise.engine.skinny_linear import ENV_SWITCH
+from draftwise.engine import skinny_linear
 
 
 def step_ms(model, tokens: int, context: int = 200, calls: int = 30) -> float:
@@ -59,9 +58,8 @@ def main() -> None:
     print("target forward            | skinny GEMM | PyTorch GEMM | transformers' DynamicCache")
     for tokens in [1] + [int(g) + 1 for g in args.gammas.split(",")]:
         skinny = step_ms(target, tokens)
-        os.environ[ENV_SWITCH] = "0"
-        torch_gemm = step_ms(target, tokens)
-        del os.environ[ENV_SWITCH]
+        with skinny_linear.switched_off():
+            torch_gemm = step_ms(target, tokens)
         hf = hf_step_ms(target, tokens)
         label = f"{tokens} token" + ("" if tokens == 1 else f"s (verify gamma {tokens - 1})")
         print(f"{label:<25} | {skinny:8.1f} ms | {torch_gemm:9.1f} ms | {hf:9.1f} ms")

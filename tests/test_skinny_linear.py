@@ -122,6 +122,9 @@ def test_runner_routes_and_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv(routing_module.ENV_SWITCH, "0")
     assert ModelRunner(model, batch_size=1, capacity=16).linears is None
     monkeypatch.delenv(routing_module.ENV_SWITCH)
+    with routing_module.switched_off():
+        assert ModelRunner(model, batch_size=1, capacity=16).linears is None
+    assert isinstance(ModelRunner(model, batch_size=1, capacity=16).linears, SkinnyLinears)  # switched back on
     assert routing_module.for_model(model.to(torch.float64)) is None
 
 

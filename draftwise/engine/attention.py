@@ -40,14 +40,6 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 AttentionInterface.register(NAME, sdpa_attention)
 
 
-def applies(model, config) -> bool:
-    """Whether ``model`` gains from it: ``sdpa`` attention, grouped heads, on the CPU."""
-    param = next(model.parameters(), None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return (param is not None and param.device.type == "cpu" and kv_heads < config.num_attention_heads
-            and getattr(model.config, "_attn_implementation", None) == "sdpa")
-
-
 @contextlib.contextmanager
 def using(model):
     """Inside, ``model`` runs its attention through :func:`sdpa_attention`; then it is put back."""

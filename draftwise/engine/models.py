@@ -119,7 +119,8 @@ class ModelRunner:
         self.device = param.device
         self.dtype = param.dtype
         self.linears = skinny_linear.for_model(model)  # CPU fp32: skinny GEMM for verification-sized forwards
-        self.gqa_attention = attention.applies(model, config)  # CPU sdpa: grouped heads kept inside SDPA
+        # CPU sdpa with grouped key/value heads: multi-token forwards keep them inside SDPA
+        self.gqa_attention = attn == "sdpa" and self.device.type == "cpu" and kv_heads < config.num_attention_heads
 
     # ------------------------------------------------------------------ state
 

@@ -34,6 +34,20 @@ def enabled() -> bool:
             and os.environ.get(ENV_SWITCH, "1") != "0")
 
 
+@contextlib.contextmanager
+def switched_off():
+    """Inside, runners built are left on PyTorch's GEMM (``DRAFTWISE_SKINNY_GEMM=0``; for timing)."""
+    previous = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENV_SWITCH]
+        else:
+            os.environ[ENV_SWITCH] = previous
+
+
 def routes(rows: int) -> bool:
     """Whether a forward of ``rows`` rows (batch x tokens) runs through the kernel on this CPU."""
     return MIN_ROWS <= rows <= MAX_ROWS.get(linear_kernel.best_isa(), 0)
