@@ -153,6 +153,28 @@ def test_capacity_exceeded_raises_before_writing(models):
     step(runner, model, list(prompts), random_tokens(gen, 3, 2))
 
 
+def test_write_slots_built_once_per_forward_and_follow_the_lengths():
+    """Every layer of one forward writes at the same slots (one index for all of them); a new
+    commit, rollback or forward width gives a new index at the new lengths."""
+    cache = KVCache(3, 2, 1, 2, 16)
+    cache.start(torch.tensor([0, 1]))
+    first = cache.write_slots(3)
+    assert cache.write_slots(3) is first
+    assert first.view(2, 3).tolist() == [[0, 1, 2], [0, 1, 2]]
+    kv = torch.ones(2, 1, 3, 2)
+    for layer in range(3):
+        cache.update(kv * layer, kv * layer, layer)
+    cache.advance(torch.tensor([1, 3]))
+    assert cache.write_slots(2).view(2, 2).tolist() == [[1, 2], [3, 4]]
+    assert cache.write_slots(1).view(2, 1).tolist() == [[1], [3]]
+    cache.rollback(torch.tensor([1, 2]))
+    assert cache.write_slots(1).view(2, 1).tolist() == [[1], [2]]
+    for layer in range(3):
+        cache.update(kv[:, :, :1] * 10, kv[:, :, :1] * 10, layer)
+        assert cache.layers[layer].keys_buffer[:, 0, :, 0][:, :4].tolist() == [
+            [layer, 10, layer, 0], [layer, layer, 10, 0]]
+
+
 def test_cache_bound_is_tightened_before_raising():
     """A ragged commit leaves the host bound of max(lengths) above the truth; near the capacity the
     cache reads the exact lengths instead of raising."""

@@ -88,9 +88,9 @@ class KVLayer(CacheLayerMixin):
         keys = self.keys_buffer[:batch]
         values = self.values_buffer[:batch]
         # slots[b, t] = lengths_b + t: one scatter per tensor, every row at its own offset.
-        slots = cache.lengths[:, None] + torch.arange(steps, device=keys.device)
-        keys.scatter_(2, slots[:, None, :, None].expand_as(key_states), key_states.to(keys.dtype))
-        values.scatter_(2, slots[:, None, :, None].expand_as(value_states), value_states.to(values.dtype))
+        slots = cache.write_slots(steps)  # [B, 1, T, 1]
+        keys.scatter_(2, slots.expand_as(key_states), key_states.to(keys.dtype))
+        values.scatter_(2, slots.expand_as(value_states), value_states.to(values.dtype))
         kv_length = cache.max_length + steps
         return keys[:, :, :kv_length], values[:, :, :kv_length]
 
@@ -176,6 +176,7 @@ class KVCache(Cache):
         self.dtype = dtype
         self.capacity_hint = capacity_hint
         self._mirror_host = None  # pinned host scalar for the asynchronous max(lengths) read (CUDA)
+        self._write_slots = (None, 0, None)  # (lengths, steps, slots) of the forward being run
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -235,6 +236,16 @@ class KVCache(Cache):
         self.check_room(steps)  # a host comparison unless some row may overflow
         self._pending = steps
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def write_slots(self, steps: int) -> torch.Tensor:
+        """``[B, 1, T, 1]`` slots ``lengths_b + t`` that a forward of ``steps`` tokens writes: built by
+        its first layer, reused by the others (``lengths`` is replaced, never mutated, by every verb,
+        so the same tensor object means the same lengths)."""
+        lengths, cached_steps, slots = self._write_slots
+        if lengths is not self.lengths or cached_steps != steps:
+            slots = (self.lengths[:, None] + torch.arange(steps, device=self.device))[:, None, :, None]
+            self._write_slots = (self.lengths, steps, slots)
+        return slots
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Upper bound of the committed length over rows (the rows differ; transformers only needs it
