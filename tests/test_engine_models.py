@@ -358,3 +358,32 @@ def test_attention_switch_is_undone_on_error(models):
         assert model.config._attn_implementation == attention.NAME
         raise RuntimeError("inside a forward")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_runners_of_one_model_take_turns_across_threads(models):
+    """While one thread runs a model with its modules switched, another thread's runner of the same
+    model waits for it (the switches are per model, not per thread); other models do not wait."""
+    import threading
+
+    from draftwise.engine.models import model_lock
+
+    model, other = models("llama", "sdpa"), models("qwen2", "sdpa")
+    runners = [ModelRunner(m, batch_size=1, capacity=16) for m in (model, other)]
+    assert runners[0].gqa_attention  # grouped heads: its forwards switch the attention
+    done = {}
+
+    def prefill(runner, key):
+        runner.prefill(torch.tensor([[5, 6, 7]]))
+        done[key] = True
+
+    lock = model_lock(model)
+    assert model_lock(model) is lock and model_lock(other) is not lock
+    with lock:
+        threads = [threading.Thread(target=prefill, args=(r, k)) for r, k in zip(runners, ("same", "other"))]
+        for t in threads:
+            t.start()
+        threads[1].join(timeout=30)
+        threads[0].join(timeout=0.5)
+        assert done == {"other": True}  # the same model's runner is still waiting
+    threads[0].join(timeout=30)
+    assert done == {"other": True, "same": True}

@@ -14,6 +14,11 @@ The model is driven through transformers' own extension points only:
   key/value heads run :func:`draftwise.engine.attention.sdpa_attention` (same numbers, no
   per-head copies of the keys and values).
 
+Threads: the skinny-GEMM routing and the attention switch change the model's modules for the
+duration of a forward, so runners of the same model take turns for those forwards
+(:func:`model_lock`); code that runs the same model outside a runner, in another thread at the
+same time, would see the switched modules (same numbers to float rounding, but not bit for bit).
+
 Host syncs: none in :meth:`ModelRunner.extend` while the cache's host-side bound of
 ``max(lengths)`` keeps every row within the capacity (see ``KVCache``); near the capacity, one sync
 reads the exact lengths. ``prefill`` validates the attention mask (one sync); ``rollback`` and
@@ -32,6 +37,8 @@ than ``sdpa`` and ``eager`` (flash-attention kernels take no arbitrary 4-D mask)
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 
 import torch
 
@@ -41,6 +48,20 @@ from .cache import KVCache
 __all__ = ["ModelRunner"]
 
 _MASKED_ATTENTION = ("sdpa", "eager")
+
+# The skinny-GEMM routing and the attention switch change a model's modules for one forward, so
+# two threads running the same model through runners take turns (one lock per model).
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """The lock that runners hold while they run ``model`` with its modules switched."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 def _text_config(model):
@@ -121,6 +142,8 @@ class ModelRunner:
         self.linears = skinny_linear.for_model(model)  # CPU fp32: skinny GEMM for verification-sized forwards
         # CPU sdpa with grouped key/value heads: multi-token forwards keep them inside SDPA
         self.gqa_attention = attn == "sdpa" and self.device.type == "cpu" and kv_heads < config.num_attention_heads
+        switches = self.linears is not None or self.gqa_attention
+        self._switch_lock = model_lock(model) if switches else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ state
 
@@ -228,7 +251,7 @@ class ModelRunner:
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         routing = self.linears.routing(tokens.numel()) if self.linears is not None else contextlib.nullcontext()
         gqa = attention.using(self.model) if self.gqa_attention and steps > 1 else contextlib.nullcontext()
-        with torch.inference_mode(), routing, gqa:
+        with self._switch_lock, torch.inference_mode(), routing, gqa:
             out = self.model(
                 input_ids=tokens,
                 attention_mask=mask,
