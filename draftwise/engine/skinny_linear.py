@@ -4,7 +4,7 @@ A verification forward runs ``batch x (gamma + 1)`` rows through every linear la
 PyTorch's fp32 GEMM repacks each weight on every call, and from 4 rows on that costs more than
 reading the weight: for the default target, 5 tokens take 50 ms against 32 ms for one. The kernel
 :func:`draftwise.kernels.linear.skinny_linear` reads each weight once for all the rows (5 tokens:
-41 ms; ``python bench/step_costs.py``).
+39 ms; ``python bench/step_costs.py``).
 
 Inside :meth:`SkinnyLinears.routing`, a forward of ``MIN_ROWS`` to ``MAX_ROWS[isa]`` rows runs the
 model's ``nn.Linear`` layers through the kernel (on a CPU with AVX-512 or AVX2); any other forward, device or dtype is left alone,
