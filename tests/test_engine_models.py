@@ -387,3 +387,34 @@ def test_runners_of_one_model_take_turns_across_threads(models):
         assert done == {"other": True}  # the same model's runner is still waiting
     threads[0].join(timeout=30)
     assert done == {"other": True, "same": True}
+
+
+def test_generate_on_one_model_from_several_threads():
+    """Concurrent draftwise.generate calls on one target and draft (each building its runners while
+    the others run forwards with the modules switched) all give the single-threaded output."""
+    import threading
+
+    import draftwise
+    from tiny_models import tiny_model
+
+    target = tiny_model("llama", layers=2, vocab=VOCAB, seed=0).eval()
+    draft = tiny_model("llama", layers=1, vocab=VOCAB, seed=1).eval()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(assistant_model=draft, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  num_assistant_tokens=4, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+    expected = draftwise.generate(target, ids, **kwargs)
+    outputs, errors = [], []
+
+    def run():
+        try:
+            outputs.extend(draftwise.generate(target, ids, **kwargs) for _ in range(3))
+        except Exception as error:  # reported below, with the thread's message
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(outputs) == 12 and all(torch.equal(out, expected) for out in outputs)

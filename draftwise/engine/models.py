@@ -113,7 +113,9 @@ class ModelRunner:
 
     def __init__(self, model, batch_size: int, capacity: int):
         config = _text_config(model)
-        attn = getattr(model.config, "_attn_implementation", None) or "eager"
+        with model_lock(model):  # not while another thread's forward has the modules switched
+            attn = getattr(model.config, "_attn_implementation", None) or "eager"
+            linears = skinny_linear.for_model(model)  # CPU fp32: skinny GEMM for verification-sized forwards
         if attn not in _MASKED_ATTENTION:
             raise ValueError(
                 f"ModelRunner: attention implementation {attn!r} is not supported; load the model with "
@@ -139,7 +141,7 @@ class ModelRunner:
         self.vocab_size = int(weight.shape[0]) if weight is not None else int(config.vocab_size)
         self.device = param.device
         self.dtype = param.dtype
-        self.linears = skinny_linear.for_model(model)  # CPU fp32: skinny GEMM for verification-sized forwards
+        self.linears = linears
         # CPU sdpa with grouped key/value heads: multi-token forwards keep them inside SDPA
         self.gqa_attention = attn == "sdpa" and self.device.type == "cpu" and kv_heads < config.num_attention_heads
         switches = self.linears is not None or self.gqa_attention
