@@ -247,7 +247,7 @@ class ModelRunner:
         steps = tokens.shape[1]
         kv_length = self.cache.prepare(steps)  # raises before anything is written if a row is full
         cache = self.cache
-        slots = cache.lengths[:, None] + torch.arange(steps, device=self.device)  # [B, T]
+        slots = cache.write_slots(steps)[:, 0, :, 0]  # [B, T]: the slots the layers write (one index for all)
         position_ids = (slots - cache.starts[:, None]).clamp_min(0)  # padding queries: position 0
         mask = self._attention_mask(slots, kv_length)
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
