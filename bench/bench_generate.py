@@ -10,7 +10,10 @@ every (batch, mode, gamma, draft): tokens per second over the same real prompts 
 for draftwise alpha, tau and the time split (draft / target / verify / other); "overhead" =
 (verify + other) / total is the time outside the model forwards. ``draftwise-<draft>-torch-gemm``
 is draftwise with the skinny GEMM of verification forwards switched off
-(``DRAFTWISE_SKINNY_GEMM=0``), to show what it brings.
+(``DRAFTWISE_SKINNY_GEMM=0``), to show what it brings. ``...-compiled`` runs the target's
+forwards through ``torch.compile`` (``compile=True``; compiled before the timing), and
+``draftwise-no-draft-compiled`` is that compiled target decoding alone: what compiling gives
+without speculation.
 """
 
 from __future__ import annotations
@@ -82,8 +85,15 @@ def sweep(args) -> dict:
             target.generate(**batches[0], **{**common, "max_new_tokens": 8})  # warm-up
             # draftwise's warm-up (the first call of a process also loads the C++ extension)
             draftwise.generate(target, **batches[0], assistant_model=draft, **{**common, "max_new_tokens": 8})
+            # compiles the target's graphs for this batch (once), so that no compile is timed
+            draftwise.generate(target, **batches[0], compile=True, **{**common, "max_new_tokens": 8})
             base = _measure("target", lambda x: target.generate(**x, **common), batches, pad)
             results.append({"batch": batch, "mode": mode, "gamma": 0, **base})
+            print(json.dumps(results[-1]))
+            alone = _measure("draftwise-no-draft-compiled", lambda x: draftwise.generate(
+                target, **x, seed=0, compile=True, return_dict_in_generate=True, **common), batches, pad)
+            alone["speedup_vs_target"] = alone["tokens_per_second"] / base["tokens_per_second"]
+            results.append({"batch": batch, "mode": mode, "gamma": 0, **alone})
             print(json.dumps(results[-1]))
             for gamma in args.gammas:
                 spec = dict(num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", **common)
@@ -98,6 +108,9 @@ def sweep(args) -> dict:
                     f"draftwise-{d}": lambda x: run_draftwise(x, assistant_model=draft),
                     f"draftwise-{d}-torch-gemm": run_torch_gemm,
                     "draftwise-lookup": lambda x: run_draftwise(x, prompt_lookup_num_tokens=gamma),
+                    f"draftwise-{d}-compiled": lambda x: run_draftwise(x, assistant_model=draft, compile=True),
+                    "draftwise-lookup-compiled": lambda x: run_draftwise(x, prompt_lookup_num_tokens=gamma,
+                                                                         compile=True),
                 }
                 if batch == 1:  # Hugging Face's assisted generation takes one row only
                     runs[f"hf-{d}"] = lambda x: target.generate(**x, assistant_model=draft, **spec)

@@ -5,7 +5,8 @@ distilled draft against the cross-entropy baseline trained for the same steps on
         --extra "other draft=path/to/draft"       # more draft folders to compare (repeatable)
 
 Held-out prompts: the demo's (standard-library files never trained on) and HumanEval (a source
-never trained on). Batch 1; the target alone is timed in the same run. Writes
+never trained on). Batch 1; the target alone (Hugging Face's ``generate``) is timed in the same
+run. draftwise runs its target compiled (``compile=True``) unless ``--no-compile``. Writes
 bench/results/default_draft.{json,md}.
 """
 
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--gammas", default="2,3,4")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--humaneval", type=int, default=6, help="HumanEval prompts")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="run draftwise's target eagerly (default: compile=True, compiled before the timing)")
     parser.add_argument("--out", type=Path, default=RESULTS / "default_draft")
     args = parser.parse_args()
     gammas = [int(g) for g in args.gammas.split(",")]
@@ -55,11 +58,12 @@ def main() -> None:
                                  ("greedy", "T=1"))}
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-              "draft": DEFAULT_DRAFT.folder.name, "max_new_tokens": args.max_new_tokens, "results": {}}
+              "draft": DEFAULT_DRAFT.folder.name, "max_new_tokens": args.max_new_tokens,
+              "compiled target": args.compile, "results": {}}
     lines = []
     for name, (prompts, modes) in prompt_sets.items():
         rows = evaluate_drafts(target, tokenizer, drafts, prompts, gammas=gammas, modes=modes,
-                               max_new_tokens=args.max_new_tokens)
+                               max_new_tokens=args.max_new_tokens, compile=args.compile)
         report["results"][name] = rows
         lines += [f"{name}, {len(prompts)} prompts, {args.max_new_tokens} new tokens, batch 1:", "", format_rows(rows), ""]
         print("\n".join(lines[-4:]))

@@ -23,23 +23,30 @@ def _demo(args: argparse.Namespace) -> int:
     prompts = demo_prompts(tokenizer)[: args.prompts]
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     g = args.gamma
+    fixed = dict(num_assistant_tokens=g, num_assistant_tokens_schedule="constant")
+    adaptive = dict(num_assistant_tokens_schedule="adaptive")
+    engine = dict(return_dict_in_generate=True, **common)
+    compiled = dict(compile=args.compile, **engine)
+    tag = ", compiled" if args.compile else ""
     runs = {
         "target alone": lambda x: target.generate(**x, **common),
-        f"HF assisted generation, gamma {g}": lambda x: target.generate(
-            **x, assistant_model=draft, num_assistant_tokens=g, num_assistant_tokens_schedule="constant", **common),
-        f"draftwise, gamma {g}": lambda x: draftwise.generate(
-            target, **x, assistant_model=draft, num_assistant_tokens=g, num_assistant_tokens_schedule="constant",
-            return_dict_in_generate=True, **common),
-        "draftwise, adaptive gamma": lambda x: draftwise.generate(
-            target, **x, assistant_model=draft, num_assistant_tokens_schedule="adaptive",
-            return_dict_in_generate=True, **common),
-        "draftwise, draft + prompt lookup, adaptive": lambda x: draftwise.generate(
-            target, **x, assistant_model=hybrid, num_assistant_tokens_schedule="adaptive",
-            return_dict_in_generate=True, **common),
+        f"HF assisted generation, gamma {g}": lambda x: target.generate(**x, assistant_model=draft, **fixed, **common),
+        f"draftwise, gamma {g}": lambda x: draftwise.generate(target, **x, assistant_model=draft, **fixed, **engine),
     }
+    if args.compile:  # what compiling alone gives, and speculative decoding on top of it
+        runs["draftwise, no draft, compiled"] = lambda x: draftwise.generate(target, **x, **compiled)
+        runs[f"draftwise, gamma {g}{tag}"] = lambda x: draftwise.generate(
+            target, **x, assistant_model=draft, **fixed, **compiled)
+    runs[f"draftwise, adaptive gamma{tag}"] = lambda x: draftwise.generate(
+        target, **x, assistant_model=draft, **adaptive, **compiled)
+    runs[f"draftwise, draft + prompt lookup{tag}"] = lambda x: draftwise.generate(
+        target, **x, assistant_model=hybrid, **adaptive, **compiled)
     print(f"target: {type(target).__name__} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M parameters); "
           f"draft: {DEFAULT_DRAFT.folder.name} ({draft.config.num_hidden_layers} layers, distilled); "
           f"greedy, {args.max_new_tokens} new tokens per prompt")
+    if args.compile:
+        print("compiling the target's decode and verification forwards (torch.compile, once per process: "
+              "1-3 minutes on a 2-core CPU; --no-compile skips it)")
     warm = tokenizer(prompts[0], return_tensors="pt")
     for run in runs.values():  # warm-up: thread pools, allocator, first-call set-up
         run(warm)
@@ -174,7 +181,8 @@ def _eval_draft(args: argparse.Namespace) -> int:
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
                                              add_generation_prompt=True) for r in requests]
     rows = evaluate_draft(target, tokenizer, draft, prompts, gammas=args.gammas, modes=args.modes.split(","),
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, lenience=args.lenience)
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, lenience=args.lenience,
+                          compile=args.compile)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -189,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--prompts", type=int, default=4, help="how many of the demo prompts")
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--gamma", type=int, default=2, help="drafted tokens per step of the fixed-gamma runs")
+    demo.add_argument("--no-compile", dest="compile", action="store_false",
+                      help="run the target's forwards eagerly (no torch.compile)")
     demo.set_defaults(run=_demo)
     kernel = commands.add_parser("verify-demo", help="the verification kernel alone on a realistic batch")
     kernel.add_argument("--batch", type=int, default=8)
@@ -247,5 +257,7 @@ def _add_eval_draft(commands) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--lenience", type=float, default=None, help="lossy acceptance (1 = exact)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="run draftwise's target through torch.compile (compiled before the timing)")
     p.add_argument("--json", help="also write the rows to this file")
     p.set_defaults(run=_eval_draft)

@@ -36,12 +36,15 @@ def target_log_likelihood(target, sequences: torch.Tensor, width: int, pad: int 
 
 def evaluate_drafts(target, tokenizer, drafts: dict, prompts: Sequence[str], *, gammas: Sequence[int] = (4,),
                     modes: Sequence[str] = ("greedy", "T=1"), max_new_tokens: int = 64, seed: int = 0,
-                    lenience=None, score_quality: bool = False, progress: bool = True) -> list[dict]:
+                    lenience=None, score_quality: bool = False, progress: bool = True,
+                    compile: bool = False) -> list[dict]:
     """One row per (mode, draft, γ) over ``prompts`` at batch 1, the target alone timed in the same
     run (each prompt goes through every run in turn): ``alpha`` (accepted / drafted),
     ``analytic_alpha`` (mean Σ min(p, q)), ``tau`` (tokens per target call), ``tokens_per_s``,
     ``target_tokens_per_s``, ``speedup`` and, with ``score_quality``, ``log_likelihood`` (the
-    target's mean log-probability of the output tokens). ``drafts``: name -> a draft model or drafter ``draftwise.generate`` takes."""
+    target's mean log-probability of the output tokens). ``drafts``: name -> a draft model or drafter ``draftwise.generate`` takes.
+    ``compile``: the engines run the target compiled (``SpeculativeEngine(compile=True)``); the
+    target alone stays Hugging Face's ``generate``."""
     import draftwise
     from tqdm.auto import tqdm
 
@@ -52,7 +55,8 @@ def evaluate_drafts(target, tokenizer, drafts: dict, prompts: Sequence[str], *, 
         raise ValueError("prompts: at least one prompt is needed")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     inputs = [tokenizer(p, return_tensors="pt", add_special_tokens=False) for p in prompts]
-    engines = {name: draftwise.SpeculativeEngine(target, [d], tokenizer=tokenizer) for name, d in drafts.items()}
+    engines = {name: draftwise.SpeculativeEngine(target, [d], tokenizer=tokenizer, compile=compile)
+               for name, d in drafts.items()}
     rows = []
     bar = tqdm(total=len(modes) * (1 + len(gammas) * len(drafts)) * len(inputs), desc="evaluating drafts",
                disable=not progress)

@@ -242,6 +242,10 @@ class KVCache(Cache):
         its first layer, reused by the others (``lengths`` is replaced, never mutated, by every verb,
         so the same tensor object means the same lengths)."""
         lengths, cached_steps, slots = self._write_slots
+        if torch.compiler.is_compiling():
+            # A compiled forward: the runner built this forward's slots just before calling the model
+            # (tracing the check below would guard the graph on how the caller made ``lengths``).
+            return slots
         if lengths is not self.lengths or cached_steps != steps:
             slots = (self.lengths[:, None] + torch.arange(steps, device=self.device))[:, None, :, None]
             self._write_slots = (self.lengths, steps, slots)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -68,15 +69,18 @@ class SkinnyLinears:
     def __init__(self, model: nn.Module):
         # Modules with their own forward already set (wrapped by another library) are left alone.
         self.linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
+        self._routed = [_routed_forward(m) for m in self.linears]
 
     @contextlib.contextmanager
-    def routing(self, rows: int):
-        """Inside, the linear layers run through the kernel when ``rows`` is in the routed range."""
-        if not routes(rows):
+    def routing(self, rows: int, every_size: bool = False):
+        """Inside, the linear layers run through the kernel when ``rows`` is in the routed range
+        (or, with ``every_size``, whatever it is: a compiled forward takes one path for all sizes,
+        so that its graphs do not multiply by the routed range)."""
+        if not (every_size or routes(rows)):
             yield
             return
-        for module in self.linears:
-            module.forward = functools.partial(_forward, module)
+        for module, forward in zip(self.linears, self._routed):
+            module.forward = forward
         try:
             yield
         finally:
@@ -84,9 +88,24 @@ class SkinnyLinears:
                 del module.forward
 
 
-def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+# One routed forward per module for its lifetime: a compiled graph guards on the object, so every
+# runner of a model must install the same one. It holds the module weakly (no cycle, no leak).
+_ROUTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _routed_forward(module: nn.Linear):
+    forward = _ROUTED.get(module)
+    if forward is None:
+        forward = _ROUTED[module] = functools.partial(_forward, weakref.ref(module))
+    return forward
+
+
+def _forward(module_ref: weakref.ref, x: torch.Tensor) -> torch.Tensor:
+    module = module_ref()
     weight, bias = module.weight, module.bias
     if (x.dtype != torch.float32 or weight.dtype != torch.float32 or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return nn.functional.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return torch.ops.draftwise.skinny_linear(x, weight, bias)
     return linear_kernel.skinny_linear(x, weight, bias, check=False)

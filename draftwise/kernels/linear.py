@@ -100,3 +100,16 @@ def skinny_linear(
     _C.skinny_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
                      rows, n, k, _isa_code(isa), threads)
     return out
+
+
+@torch.library.custom_op("draftwise::skinny_linear", mutates_args=())
+def skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`skinny_linear` as ``torch.ops.draftwise.skinny_linear``, so compiled graphs can hold
+    it (arguments validated by the caller; eager callers use :func:`skinny_linear`, which skips the
+    op dispatch)."""
+    return skinny_linear(x, weight, bias, check=False)
+
+
+@skinny_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
