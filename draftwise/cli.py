@@ -76,7 +76,7 @@ def _demo(args: argparse.Namespace) -> int:
     for name, (seconds, tokens, stats) in totals.items():
         rate = tokens / seconds
         alpha = tau = ""
-        if stats:
+        if stats and sum(s.drafted for s in stats):
             alpha = f"{sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats)):.3f}"
             tau = f"{sum(s.emitted for s in stats) / max(1, sum(s.row_steps for s in stats)):.2f}"
         print(f"{name:44} {rate:9.1f} {rate / base:7.2f}x {alpha:>6} {tau:>5}")
