@@ -285,9 +285,11 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     Any other argument raises a ``TypeError`` that names it.
 
     ``compile`` (draftwise's own, default False) runs the target's decode and verification
-    forwards through ``torch.compile``: faster steps after a one-time compile of each shape
-    (about a minute per shape for the default target on a 2-core CPU; later calls on the same
-    model reuse it). The output is the compiled target's own (logits equal to float rounding).
+    forwards through ``torch.compile``: faster steps after a one-time compile, done with a
+    progress bar before the first generation starts (2 graphs for a batch of one row, 2 more
+    for batches of several; 1-3 minutes for the default target on a 2-core CPU; later calls on
+    the same model reuse them). The output is the compiled target's own (its logits equal the
+    eager forward's to float rounding).
 
     ``seed`` makes a sampled call reproducible when its draft lengths are: with a fixed γ (the
     "constant" schedule) and one draft, the same call with the same seed gives the same tokens.
