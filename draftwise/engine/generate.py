@@ -286,9 +286,9 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
 
     ``compile`` (draftwise's own, default False) runs the target's decode and verification
     forwards through ``torch.compile``: faster steps after a one-time compile, done with a
-    progress bar before the first generation starts (2 graphs for a batch of one row, 2 more
-    for batches of several; 1-3 minutes for the default target on a 2-core CPU; later calls on
-    the same model reuse them). The output is the compiled target's own (its logits equal the
+    progress bar before the first generation starts (2 graphs for a batch of one row, 4 for a
+    larger batch; 1-3 minutes for the default target on a 2-core CPU; later calls on the same
+    model reuse them). The output is the compiled target's own (its logits equal the
     eager forward's to float rounding).
 
     ``seed`` makes a sampled call reproducible when its draft lengths are: with a fixed γ (the
