@@ -42,13 +42,38 @@ def test_compiled_logits_match_the_eager_forward(pair, batch):
     for compiled in (False, True):
         runner = ModelRunner(target, batch_size=batch, capacity=40, compile=compiled)
         runner.precompile()
-        runner.prefill(ids, mask)
+        graphs = _graphs()
+        runner.prefill(ids, mask)  # outside inference mode, unlike the precompile and generate()
         blocks = [torch.randint(3, 100, (batch, steps), generator=torch.Generator().manual_seed(steps))
                   for steps in (1, 2, 5, 1)]
         runs[compiled] = [runner.extend(block) for block in blocks]
         assert runner.lengths.tolist() == [7 + 9] * batch
+        assert _graphs() == graphs, "a forward compiled a graph after the runner was precompiled"
     for eager, compiled in zip(runs[False], runs[True]):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_runner_forwards_through_the_compiled_graphs(pair, monkeypatch):
+    """extend() of a compiled runner calls the compiled entry (and it holds graphs); prefills and
+    eager runners do not."""
+    from draftwise.engine import models
+
+    target, _ = pair
+    compiled, calls = models._compiled(), []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[1])
+        return compiled(*args, **kwargs)
+
+    monkeypatch.setattr(models, "_compiled", lambda: counting)
+    eager, runner = (ModelRunner(target, batch_size=1, capacity=16, compile=flag) for flag in (False, True))
+    runner.precompile()
+    calls.clear()
+    for r in (eager, runner):
+        r.prefill(torch.tensor([[5, 6, 7]]))
+        r.extend(torch.tensor([[8, 9]]))
+    assert calls == [2]  # the compiled runner's extend only
+    assert _graphs() > 0
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -280,13 +280,15 @@ class ModelRunner:
         live row and (when the cache has several) for several rows, since a batch shrinks to one
         row as its rows finish. Graphs already compiled for the model are reused. Leaves the
         cache reset."""
+        if not self.compiled or self.cache.capacity < 4:
+            return
         done = _PRECOMPILED.setdefault(self.model, set())
         batch = self.cache.max_batch_size
         # Sizes of 1 get graphs of their own (the cache's rows, the live rows, the tokens).
         kinds = ({"one-row cache": 1} if batch == 1
                  else {"one live row of a larger cache": 1, "several live rows": batch})
         todo = {kind: rows for kind, rows in kinds.items() if kind not in done}
-        if not self.compiled or not todo or self.cache.capacity < 4:
+        if not todo:
             return
         from tqdm.auto import tqdm
 
