@@ -96,6 +96,21 @@ def test_greedy_equals_hf_generate_with_no_compile_in_the_generation(pair, batch
     assert _graphs() == graphs, "a generation compiled a graph after the runner was precompiled"
 
 
+def test_a_runner_built_inside_inference_mode_reuses_the_graphs(pair):
+    """Callers often wrap generation in torch.inference_mode(): a runner built there (here: a
+    longer generation needs a larger cache) must find the graphs compiled outside it."""
+    target, draft = pair
+    ids, mask = _prompts(1)
+    engine = SpeculativeEngine(target, [draft], compile=True)
+    want = engine.generate(ids, mask, max_new_tokens=8, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    graphs = _graphs()
+    with torch.inference_mode():
+        got = engine.generate(ids, mask, max_new_tokens=30, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    assert engine.runner.cache.capacity > 8 + 30
+    assert torch.equal(got[:, : want.shape[1]], want)
+    assert _graphs() == graphs, "a runner built inside inference mode compiled new graphs"
+
+
 @pytest.mark.skipif(not linear.available(), reason="the C++ extension is not built")
 def test_skinny_linear_op_is_a_well_formed_custom_op():
     x, weight, bias = torch.randn(3, 5, 16), torch.randn(24, 16), torch.randn(24)

@@ -165,10 +165,13 @@ class KVCache(Cache):
         value_head_dim = head_dim if value_head_dim is None else value_head_dim
         device = torch.device("cpu") if device is None else torch.device(device)
         layers = []
-        for _ in range(num_layers):
-            keys = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
-            values = torch.zeros(batch_size, num_kv_heads, capacity, value_head_dim, dtype=dtype, device=device)
-            layers.append(KVLayer(self, keys, values))
+        # Ordinary tensors even when built under inference mode: forwards write them in either
+        # mode, and compiled graphs are guarded on the kind of tensor they were compiled with.
+        with torch.inference_mode(False):
+            for _ in range(num_layers):
+                keys = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+                values = torch.zeros(batch_size, num_kv_heads, capacity, value_head_dim, dtype=dtype, device=device)
+                layers.append(KVLayer(self, keys, values))
         super().__init__(layers=layers)
         self.capacity = capacity
         self.max_batch_size = batch_size
