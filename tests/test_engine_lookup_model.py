@@ -64,3 +64,35 @@ def test_a_wrapped_draft_with_another_vocabulary_is_refused():
     ids, mask = _repetitive_prompts()
     with pytest.raises(ValueError, match="vocabulary"):
         draftwise.generate(target, ids, mask, assistant_model=drafter, max_new_tokens=4)
+
+
+def test_copying_rows_propose_copy_extra_more_tokens_than_gamma():
+    from draftwise.engine.sequence import TokenBuffer
+
+    ids = torch.tensor([[5, 9, 12, 40, 41, 42, 43, 44, 45, 7, 9, 12]])  # "9 12" occurred before
+    buffer = TokenBuffer.from_prompt(ids, torch.ones_like(ids), capacity=20)
+    model = ModelDrafter(tiny_model("llama", layers=1, seed=1))
+    for extra in (0, 3):
+        drafter = LookupThenModelDrafter(model, PromptLookupDrafter(max_ngram=2, min_ngram=2), copy_extra=extra)
+        assert drafter.propose(buffer, 2, sampling=None).tokens.tolist() == [[40, 41, 42, 43, 44][: 2 + extra]]
+    with pytest.raises(ValueError, match="copy_extra"):
+        LookupThenModelDrafter(model, copy_extra=-1)
+
+
+class _Greedy(PromptLookupDrafter):
+    """Proposes 20 tokens more than asked for (lookup tokens, or padding where nothing matches)."""
+
+    def propose(self, buffer, gamma, sampling):
+        return super().propose(buffer, gamma + 20, sampling)
+
+
+def test_a_drafter_proposing_more_than_the_cache_s_room_is_cut_to_the_maximum_gamma():
+    target = tiny_model("llama", layers=2, seed=0)
+    ids, mask = _repetitive_prompts()
+    out = draftwise.generate(target, ids, mask, assistant_model=_Greedy(), max_new_tokens=30, do_sample=False,
+                             eos_token_id=None, pad_token_id=PAD, num_assistant_tokens=12,
+                             num_assistant_tokens_schedule="constant", return_dict_in_generate=True)
+    want = target.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None,
+                           pad_token_id=PAD)
+    assert torch.equal(out.sequences, want)
+    assert max(out.spec_stats.gammas) == 12

@@ -26,6 +26,12 @@ class Draft:
     tokens: torch.Tensor  # [B, gamma] int64, PAD_TOKEN after a row's proposals
     probs: Optional[torch.Tensor]  # [B, gamma, V] float32, or None for one-hot proposals
 
+    def truncated(self, width: int) -> "Draft":
+        """At most ``width`` proposals per row."""
+        if self.tokens.shape[1] <= width:
+            return self
+        return Draft(self.tokens[:, :width], None if self.probs is None else self.probs[:, :width])
+
 
 class ModelDrafter:
     """A draft model with its own KV cache. Before drafting it runs only the committed tokens it
@@ -150,12 +156,20 @@ class LookupThenModelDrafter:
     """Prompt lookup where the row's last ``lookup.min_ngram``+ tokens occurred before, the draft
     model elsewhere: copying costs nothing when the output repeats its context (code, names,
     quotes), and the model drafts the rest. A step that every row can copy skips the model; its
-    cache catches up on the next step it drafts (it re-runs only the tokens it has not seen)."""
+    cache catches up on the next step it drafts (it re-runs only the tokens it has not seen).
 
-    def __init__(self, model: ModelDrafter, lookup: PromptLookupDrafter | None = None, name: str | None = None):
+    A copy costs no draft forward, so copying rows propose ``copy_extra`` tokens more than the
+    model's gamma (a copied run is often accepted whole; each extra token only widens the
+    verification forward)."""
+
+    def __init__(self, model: ModelDrafter, lookup: PromptLookupDrafter | None = None, name: str | None = None,
+                 copy_extra: int = 2):
+        if not isinstance(copy_extra, int) or isinstance(copy_extra, bool) or copy_extra < 0:
+            raise ValueError(f"copy_extra: expected an int >= 0, got {copy_extra!r}")
         self.model = model
         self.lookup = lookup or PromptLookupDrafter(max_ngram=3, min_ngram=2)
         self.name = name or f"{model.name}+lookup"
+        self.copy_extra = copy_extra
 
     @property
     def draft_model(self):
@@ -166,7 +180,7 @@ class LookupThenModelDrafter:
         self.lookup.start(buffer, attention_mask, vocab)
 
     def propose(self, buffer: TokenBuffer, gamma: int, sampling: Sampling) -> Draft:
-        copied = self.lookup.propose(buffer, gamma, sampling)
+        copied = self.lookup.propose(buffer, gamma + self.copy_extra, sampling)
         found = copied.tokens[:, 0] >= 0
         everywhere, anywhere = torch.stack([found.all(), found.any()]).tolist()  # one sync per step
         if everywhere:
@@ -174,7 +188,8 @@ class LookupThenModelDrafter:
         drafted = self.model.propose(buffer, gamma, sampling)
         if not anywhere:
             return drafted
-        missing = gamma - drafted.tokens.shape[1]  # the model may stop early (confidence threshold)
+        # the model may stop early (confidence threshold); copying rows may be longer
+        missing = copied.tokens.shape[1] - drafted.tokens.shape[1]
         tokens = torch.nn.functional.pad(drafted.tokens, (0, missing), value=PAD_TOKEN)
         tokens = torch.where(found[:, None], copied.tokens, tokens)
         probs = drafted.probs if drafted.probs is None else torch.nn.functional.pad(drafted.probs, (0, 0, 0, missing))

@@ -226,7 +226,9 @@ class Decoder:
             if choice is None:
                 draft = Draft(torch.empty(len(self.rows), 0, dtype=torch.int64, device=buffer.tokens.device), None)
             else:
-                draft = self.drafters[choice].propose(buffer, self.schedules[choice].gamma, self.sampling)
+                schedule = self.schedules[choice]
+                # a drafter may propose more than gamma (copies are free), never past the cache's room
+                draft = self.drafters[choice].propose(buffer, schedule.gamma, self.sampling).truncated(schedule.maximum)
         with self.timer(times):  # target: the last emitted token, then the drafts
             last = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1))
             logits = self.target.extend(torch.cat([last, draft.tokens.clamp(min=0)], 1))
