@@ -43,7 +43,9 @@ def main() -> None:
     gammas = [int(g) for g in args.gammas.split(",")]
     torch.manual_seed(0)
     target, tokenizer, draft = load_default()
-    drafts = {"distilled": draft, "distilled + lookup": LookupThenModelDrafter(ModelDrafter(draft))}
+    drafts = {"distilled": draft, "distilled + lookup": LookupThenModelDrafter(ModelDrafter(draft)),
+              # the control for longer copies: copied runs as long as the model's gamma
+              "distilled + lookup, copy_extra 0": LookupThenModelDrafter(ModelDrafter(draft), copy_extra=0)}
     if args.baseline is not None:
         drafts["cross-entropy baseline"] = load_draft(args.baseline, target)
     for extra in args.extra:
