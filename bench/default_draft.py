@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from draftwise.defaults import DEFAULT_DRAFT, demo_prompts, load_default
-from draftwise.distill.data import heldout_requests
+from draftwise.distill.data import chat_text, heldout_requests
 from draftwise.distill.evaluate import evaluate_drafts, format_rows
 from draftwise.engine import LookupThenModelDrafter, ModelDrafter, load_draft
 
@@ -53,11 +53,9 @@ def main() -> None:
         if not sep or not name or not folder:
             parser.error(f"--extra: expected NAME=FOLDER, got {extra!r}")
         drafts[name] = load_draft(Path(folder).expanduser(), target)
-    chat = lambda r: tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,  # noqa: E731
-                                                   add_generation_prompt=True)
+    humaneval = [chat_text(tokenizer, r) for r in heldout_requests("humaneval", args.humaneval, seed=1)]
     prompt_sets = {"demo (stdlib, held-out files)": (demo_prompts(tokenizer)[:4], ("greedy",)),
-                   "HumanEval": ([chat(r) for r in heldout_requests("humaneval", args.humaneval, seed=1)],
-                                 ("greedy", "T=1"))}
+                   "HumanEval": (humaneval, ("greedy", "T=1"))}
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
               "draft": DEFAULT_DRAFT.folder.name, "max_new_tokens": args.max_new_tokens,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from draftwise.defaults import default_cache_dir, load_target
-from draftwise.distill.data import heldout_requests
+from draftwise.distill.data import chat_text, heldout_requests
 from draftwise.distill.evaluate import evaluate_drafts
 from draftwise.distill.recipe import DataSpec, distill, prepare_data
 from draftwise.distill.trainer import DistillConfig
@@ -46,11 +46,6 @@ def study_runs() -> dict[str, tuple[str, dict]]:
 
 def _folder(work: Path, name: str) -> Path:
     return work / name.replace(" / ", "-")
-
-
-def _chat(tokenizer, requests):
-    return [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False, add_generation_prompt=True)
-            for r in requests]
 
 
 def _markdown(results: dict) -> str:
@@ -143,7 +138,7 @@ def main() -> None:
     if args.train_only:
         return
     drafts = {name: load_draft(_folder(args.work, name) / "draft", target) for name in results["runs"]}
-    prompts = _chat(tokenizer, heldout_requests("humaneval", args.prompts, seed=1))
+    prompts = [chat_text(tokenizer, r) for r in heldout_requests("humaneval", args.prompts, seed=1)]
     results["eval"] = evaluate_drafts(target, tokenizer, drafts, prompts, gammas=(args.gamma,),
                                       max_new_tokens=args.max_new_tokens)
     t1 = [r for r in results["eval"] if r["mode"] == "T=1"]

@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from draftwise.defaults import demo_prompts, load_target
-from draftwise.distill.data import heldout_requests
+from draftwise.distill.data import chat_text, heldout_requests
 from draftwise.distill.evaluate import evaluate_drafts
 from draftwise.engine import load_draft
 
@@ -46,11 +46,6 @@ def _runs(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, Path]:
     if not runs:
         parser.error("--run: give at least one NAME=FOLDER")
     return runs
-
-
-def _chat(tokenizer, requests: list[str]) -> list[str]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False, add_generation_prompt=True)
-            for r in requests]
 
 
 def _markdown(report: dict) -> str:
@@ -89,9 +84,9 @@ def main() -> None:
         last = history["history"][-1]
         training[name] = {"objective": history["config"]["objective"], "steps": last["step"],
                           "acceptance": last["acceptance"], "top1": last["top1"], "seconds": last["seconds"]}
+    humaneval = [chat_text(tokenizer, r) for r in heldout_requests("humaneval", args.humaneval, seed=1)]
     prompt_sets = {"demo (stdlib, held-out files)": (demo_prompts(tokenizer)[:4], ("greedy",)),
-                   "HumanEval": (_chat(tokenizer, heldout_requests("humaneval", args.humaneval, seed=1)),
-                                 ("greedy", "T=1"))}
+                   "HumanEval": (humaneval, ("greedy", "T=1"))}
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
               "max_new_tokens": args.max_new_tokens, "training": training, "results": {}}

@@ -165,7 +165,7 @@ def _eval_draft(args: argparse.Namespace) -> int:
     """Measure a draft through the engine: α, analytic α, τ and the speedup over the target alone."""
     import json
 
-    from draftwise.distill.data import heldout_requests
+    from draftwise.distill.data import chat_text, heldout_requests
     from draftwise.distill.evaluate import evaluate_draft, format_rows
     from draftwise.engine.draft_model import load_draft
 
@@ -178,8 +178,7 @@ def _eval_draft(args: argparse.Namespace) -> int:
     else:
         draft = load_draft(args.draft, target)
     requests = heldout_requests(args.prompts_source, args.prompts, seed=args.seed)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
-                                             add_generation_prompt=True) for r in requests]
+    prompts = [chat_text(tokenizer, r) for r in requests]
     rows = evaluate_draft(target, tokenizer, draft, prompts, gammas=args.gammas, modes=args.modes.split(","),
                           max_new_tokens=args.max_new_tokens, seed=args.seed, lenience=args.lenience,
                           compile=args.compile)

@@ -175,15 +175,20 @@ def corpus_texts(count: int, seed: int = 0, chars: int = 1200) -> list[str]:
 # Tokens
 
 
+def chat_text(tokenizer, request: str) -> str:
+    """``request`` as a user turn of the tokenizer's chat template, ready for the answer (the
+    request and a blank line for tokenizers without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return request + "\n\n"
+    return tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def chat_prompts(tokenizer, requests: Sequence[str], max_tokens: int = 192) -> list[torch.Tensor]:
-    """Each request as a user turn of the tokenizer's chat template, ready for the answer
-    (requests longer than ``max_tokens`` are dropped)."""
+    """Each request as :func:`chat_text`, tokenized (requests longer than ``max_tokens`` are dropped)."""
     prompts = []
     for request in requests:
-        text = (tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
-                                              add_generation_prompt=True)
-                if getattr(tokenizer, "chat_template", None) else request + "\n\n")
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        ids = tokenizer(chat_text(tokenizer, request), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         if len(ids) <= max_tokens:
             prompts.append(ids)
     return prompts
