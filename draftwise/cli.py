@@ -136,16 +136,24 @@ def _ints(text: str) -> list[int]:
 def _distill(args: argparse.Namespace) -> int:
     """Distil a draft from the target (DistillSpec) and save it where ``draftwise.generate`` loads it."""
     from draftwise.defaults import default_cache_dir
-    from draftwise.distill.recipe import DataSpec, distill, prepare_data
+    from draftwise.distill.recipe import DataSpec, distill, prepare_data, with_corpus
     from draftwise.distill.trainer import DistillConfig
 
     if not 0 <= args.lmbda <= 1:
         raise SystemExit(f"draftwise distill: --lmbda must lie in [0, 1], got {args.lmbda}")
+    if args.corpus_texts < 0 or (args.corpus_texts and args.data != "fixed"):
+        raise SystemExit(f"draftwise distill: --corpus-texts must be 0, or a positive count with --data fixed; "
+                         f"got {args.corpus_texts} with --data {args.data}")
+    if not 0 <= args.corpus_docs <= 1:
+        raise SystemExit(f"draftwise distill: --corpus-docs must lie in [0, 1], got {args.corpus_docs}")
     torch.manual_seed(args.seed)
     target, tokenizer = _load_target(args.target)
     spec = DataSpec(train_prompts=args.train_prompts, max_new_tokens=args.max_new_tokens,
                     vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods, seed=args.seed)
     data = prepare_data(target, tokenizer, spec, cache_dir=default_cache_dir())
+    if args.corpus_texts:
+        data = with_corpus(data, tokenizer, args.corpus_texts, docs_share=args.corpus_docs, methods=args.methods,
+                           seed=args.seed)
     mix = {"on-policy": 1.0} if args.data == "on-policy" else {args.data: 1 - args.lmbda, "on-policy": args.lmbda}
     config = DistillConfig(objective=args.divergence, beta=args.beta, temperature=args.temperature,
                            steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -227,6 +235,10 @@ def _add_distill(commands) -> None:
     p.add_argument("--beta", type=float, default=0.5, help="JSD(beta): 0 = forward KL, 1 = reverse KL")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--data", default="target", choices=["fixed", "target", "on-policy"])
+    p.add_argument("--corpus-texts", type=int, default=0,
+                   help="with --data fixed: train on this many pieces of the fixed corpus (0: the prepared 300)")
+    p.add_argument("--corpus-docs", type=float, default=0.25,
+                   help="with --corpus-texts: the share of documentation passages (the rest: stdlib code)")
     p.add_argument("--lmbda", type=float, default=0.0, help="fraction of on-policy (draft-generated) examples")
     p.add_argument("--on-policy-tokens", type=int, default=48, help="tokens the draft samples per on-policy example")
     p.add_argument("--steps", type=int, default=300)

@@ -9,6 +9,9 @@ from draftwise.cli import main
     (["distill", "--output", "x", "--lmbda", "2"], "--lmbda"),
     (["distill", "--output", "x", "--draft-layers", "a,b"], "comma-separated integers"),
     (["distill", "--output", "x", "--divergence", "kl"], "invalid choice"),
+    (["distill", "--output", "x", "--corpus-texts", "50"], "--corpus-texts"),
+    (["distill", "--output", "x", "--data", "fixed", "--corpus-texts", "-1"], "--corpus-texts"),
+    (["distill", "--output", "x", "--data", "fixed", "--corpus-texts", "9", "--corpus-docs", "2"], "--corpus-docs"),
     (["eval-draft", "--gammas", "1,x"], "comma-separated integers"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):

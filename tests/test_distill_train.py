@@ -63,6 +63,24 @@ def test_static_source_visits_every_example_once_per_epoch():
         StaticSource("k", examples, None, known=known[:3])
 
 
+def test_unprepared_fixed_text_gets_the_teacher_only_when_the_objective_needs_it(target):
+    from draftwise.distill.recipe import PreparedData, make_sources
+
+    examples = [Example(p, 1) for p in _prompts(6, 4)]
+    data = PreparedData(None, [], examples, None, [], [], [], [], [])
+    scored = make_sources(data, target, None, {"fixed": 1.0}).take(6)
+    expected = Teacher(target, None)([i.example for i in scored])
+    assert all(torch.equal(i.teacher, t) for i, t in zip(scored, expected))
+    assert all(i.teacher is None for i in make_sources(data, target, None, {"fixed": 1.0}, needs_teacher=False).take(6))
+
+
+def test_corpus_documentation_share_is_checked():
+    from draftwise.distill.data import corpus_texts
+
+    with pytest.raises(ValueError, match="docs_share"):
+        corpus_texts(10, docs_share=1.5)
+
+
 def test_generated_log_probs_equal_a_teacher_pass(target):
     ids = torch.arange(0, VOCAB, 2)
     examples, recorded = sample_continuations(target, _prompts(5), 8, temperature=1.0, record_ids=ids,

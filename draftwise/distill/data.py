@@ -157,15 +157,20 @@ def humaneval_problems() -> list[str]:
         return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
-def corpus_texts(count: int, seed: int = 0, chars: int = 1200) -> list[str]:
-    """The fixed corpus: raw training text (stdlib code and documentation), ``count`` pieces."""
+def corpus_texts(count: int, seed: int = 0, chars: int = 1200, methods: bool = False,
+                 docs_share: float = 0.25) -> list[str]:
+    """The fixed corpus: raw training text, up to ``count`` pieces: documentation passages
+    (``docs_share`` of ``count`` at most) and the non-held-out stdlib functions (and class
+    methods, with ``methods``) three to a piece."""
+    if not 0 <= docs_share <= 1:
+        raise ValueError(f"docs_share: expected a fraction in [0, 1], got {docs_share}")
     rng = random.Random(seed)
-    functions = stdlib_functions()
+    functions = stdlib_functions(methods=methods)
     code = ["\n\n".join(functions[i:i + 3]) for i in range(0, len(functions), 3)]
     docs = doc_passages(max_chars=chars)
     rng.shuffle(code)
     rng.shuffle(docs)
-    n_docs = min(len(docs), count // 4)
+    n_docs = min(len(docs), int(count * docs_share))
     texts = [t[:chars] for t in code[: count - n_docs]] + docs[:n_docs]
     rng.shuffle(texts)
     return texts

@@ -47,7 +47,7 @@ class PreparedData:
     vocab_ids: torch.Tensor | None
     prompts: list[torch.Tensor]  # training chat prompts (on-policy data continues them)
     fixed: list[Example]
-    fixed_teacher: list[torch.Tensor]
+    fixed_teacher: list[torch.Tensor] | None  # None: computed on an example's first visit
     target: list[Example]  # the target's greedy answers to the training prompts
     target_teacher: list[torch.Tensor]
     heldout: list[Example]  # the target's greedy answers to held-out prompts
@@ -103,11 +103,20 @@ def prepare_data(target, tokenizer, spec: DataSpec = DataSpec(), cache_dir: str 
     return data
 
 
+def with_corpus(data: PreparedData, tokenizer, count: int, *, docs_share: float = 0.25, methods: bool = False,
+                length: int = 128, seed: int = 0) -> PreparedData:
+    """``data`` with another fixed corpus (:func:`corpus_texts` of ``count`` pieces) on the same
+    draft vocabulary; the teacher's log-probs of it are computed when training first needs them."""
+    fixed = corpus_examples(tokenizer, corpus_texts(count, seed, methods=methods, docs_share=docs_share), length)
+    return dataclasses.replace(data, fixed=fixed, fixed_teacher=None)
+
+
 def make_sources(data: PreparedData, target, draft, mix: dict[str, float], *, on_policy_tokens: int = 48,
                  on_policy_temperature: float = 1.0, teacher_temperature: float = 1.0, eos_token_id=None,
-                 seed: int = 0) -> Mixture:
+                 seed: int = 0, needs_teacher: bool = True) -> Mixture:
     """A :class:`Mixture` of the named sources (``fixed``, ``target``, ``on-policy``) with the
-    given fractions."""
+    given fractions. ``needs_teacher=False`` (cross-entropy) skips the teacher's log-probs of
+    fixed text that were not prepared."""
     unknown = sorted(set(mix) - set(DATA_KINDS))
     if unknown:
         raise ValueError(f"data: unknown source(s) {unknown}; expected some of {DATA_KINDS}")
@@ -117,7 +126,8 @@ def make_sources(data: PreparedData, target, draft, mix: dict[str, float], *, on
         if fraction == 0:
             continue
         if name == "fixed":
-            source = StaticSource(name, data.fixed, None, seed, known=data.fixed_teacher)
+            lazy = teacher if data.fixed_teacher is None and needs_teacher else None
+            source = StaticSource(name, data.fixed, lazy, seed, known=data.fixed_teacher)
         elif name == "target":
             source = StaticSource(name, data.target, None, seed, known=data.target_teacher)
         else:
@@ -148,7 +158,7 @@ def distill(target, tokenizer, data: PreparedData, output_dir: str | Path, *, la
         draft = build_draft(target, layers=layers, fresh=fresh, vocab_ids=data.vocab_ids, seed=config.seed)
     sources = make_sources(data, target, draft, mix or {"target": 1.0}, on_policy_tokens=on_policy_tokens,
                            teacher_temperature=config.temperature, eos_token_id=tokenizer.eos_token_id,
-                           seed=config.seed)
+                           seed=config.seed, needs_teacher=config.objective != "ce")
     trainer = DistillTrainer(draft, sources, config, output_dir, heldout=heldout_items(data))
     if resume:
         trainer.resume()
