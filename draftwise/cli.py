@@ -152,8 +152,7 @@ def _distill(args: argparse.Namespace) -> int:
                     vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods, seed=args.seed)
     data = prepare_data(target, tokenizer, spec, cache_dir=default_cache_dir())
     if args.corpus_texts:
-        data = with_corpus(data, tokenizer, args.corpus_texts, docs_share=args.corpus_docs, methods=args.methods,
-                           seed=args.seed)
+        data = with_corpus(data, tokenizer, spec, args.corpus_texts, args.corpus_docs)
     mix = {"on-policy": 1.0} if args.data == "on-policy" else {args.data: 1 - args.lmbda, "on-policy": args.lmbda}
     config = DistillConfig(objective=args.divergence, beta=args.beta, temperature=args.temperature,
                            steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,

@@ -103,11 +103,12 @@ def prepare_data(target, tokenizer, spec: DataSpec = DataSpec(), cache_dir: str 
     return data
 
 
-def with_corpus(data: PreparedData, tokenizer, count: int, *, docs_share: float = 0.25, methods: bool = False,
-                length: int = 128, seed: int = 0) -> PreparedData:
-    """``data`` with another fixed corpus (:func:`corpus_texts` of ``count`` pieces) on the same
-    draft vocabulary; the teacher's log-probs of it are computed when training first needs them."""
-    fixed = corpus_examples(tokenizer, corpus_texts(count, seed, methods=methods, docs_share=docs_share), length)
+def with_corpus(data: PreparedData, tokenizer, spec: DataSpec, count: int, docs_share: float = 0.25) -> PreparedData:
+    """``data`` (prepared from ``spec``) with another fixed corpus, :func:`corpus_texts` of ``count``
+    pieces, on the same draft vocabulary; the teacher's log-probs of it are computed when training
+    first needs them."""
+    texts = corpus_texts(count, spec.seed, methods=spec.methods, docs_share=docs_share)
+    fixed = corpus_examples(tokenizer, texts, spec.corpus_length)
     return dataclasses.replace(data, fixed=fixed, fixed_teacher=None)
 
 
