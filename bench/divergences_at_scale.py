@@ -1,5 +1,5 @@
 """The divergences at the default draft's scale: one draft per objective, each trained with the
-default draft's recipe (the target's answers to 2849 prompts, 1800 steps x 8, lr 1e-3), then
+previous default draft's recipe (the target's answers to 2580 prompts, 1800 steps x 8, lr 1e-3), then
 evaluated in one run on held-out prompts, greedy and T = 1.
 
     for d in ce fkl rkl jsd tvd; do
@@ -18,6 +18,20 @@ beside cross-entropy and forward KL on the target's answers, written to another 
     python bench/divergences_at_scale.py --out bench/results/standard_sd_baseline \
         --run "standard SD: ce on stdlib text=runs/standard-sd" --run "ce on the target's answers=runs/ce" \
         --run "fkl on the target's answers (default draft)=runs/fkl"
+
+The default draft (the same recipe with ``--completions``: also requests to write a documented
+function's body) against the baselines on its draft vocabulary:
+
+    draftwise distill --output runs/fkl-c --divergence fkl --data target --train-prompts 3467 --methods \
+        --completions --steps 1800 --lr 1e-3 --eval-every 200
+    draftwise distill --output runs/ce-c --divergence ce --data target --train-prompts 3467 --methods \
+        --completions --steps 1800 --lr 1e-3 --eval-every 200
+    draftwise distill --output runs/standard-sd-c --divergence ce --data fixed --corpus-texts 12000 \
+        --corpus-docs 0.75 --train-prompts 3467 --methods --completions --steps 2900 --lr 1e-3 --eval-every 200
+    python bench/divergences_at_scale.py --out bench/results/completion_prompts \
+        --run "standard SD: ce on stdlib text=runs/standard-sd-c" --run "ce on the target's answers=runs/ce-c" \
+        --run "fkl on the target's answers (default draft)=runs/fkl-c" \
+        --run "previous default draft: fkl, without completion prompts=runs/fkl"
 
 Each ``--run`` is a ``draftwise distill`` output folder (``draft/`` and ``training.json``, whose
 last held-out evaluation gives the acceptance and top-1 columns). Batch 1, the target alone

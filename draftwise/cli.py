@@ -149,7 +149,8 @@ def _distill(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     target, tokenizer = _load_target(args.target)
     spec = DataSpec(train_prompts=args.train_prompts, max_new_tokens=args.max_new_tokens,
-                    vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods, seed=args.seed)
+                    vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods,
+                    completions=args.completions, seed=args.seed)
     data = prepare_data(target, tokenizer, spec, cache_dir=default_cache_dir())
     if args.corpus_texts:
         data = with_corpus(data, tokenizer, spec, args.corpus_texts, args.corpus_docs)
@@ -249,6 +250,8 @@ def _add_distill(commands) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--train-prompts", type=int, default=400, help="chat prompts the target answers")
     p.add_argument("--methods", action="store_true", help="prompts about class methods too (more distinct prompts)")
+    p.add_argument("--completions", action="store_true",
+                   help="also prompts to write a documented function's body from its signature and docstring")
     p.add_argument("--max-new-tokens", type=int, default=96, help="length of the target's answers")
     p.add_argument("--heldout", default="humaneval", choices=["humaneval", "stdlib"])
     p.add_argument("--seed", type=int, default=0)

@@ -81,6 +81,40 @@ def test_corpus_documentation_share_is_checked():
         corpus_texts(10, docs_share=1.5)
 
 
+DOCUMENTED = 'def halve(x):\n    """Half of x.\n\n    >>> halve(4)\n    2.0\n    """\n    y = x / 2\n    return y'
+UNDOCUMENTED = "def double(x):\n    y = x * 2\n    return y\n"
+
+
+def test_completion_requests_show_the_signature_and_docstring_only():
+    from draftwise.distill.data import signature_and_docstring
+
+    assert signature_and_docstring(DOCUMENTED) == DOCUMENTED.split("\n    y =")[0]
+    assert signature_and_docstring(UNDOCUMENTED) is None
+    assert signature_and_docstring('def f():\n    """Only a docstring."""') is None  # nothing to write
+    assert signature_and_docstring("x = 1") is None
+
+
+def test_training_requests_add_one_completion_per_documented_function(monkeypatch):
+    from draftwise.distill import data
+
+    monkeypatch.setattr(data, "stdlib_functions", lambda methods: [DOCUMENTED, UNDOCUMENTED])
+    monkeypatch.setattr(data, "doc_passages", lambda: ["A passage."])
+    plain = data.training_requests(8, completions=False)
+    with_completions = data.training_requests(8, completions=True)
+    added = [r for r in with_completions if r.split("\n")[0] in data.COMPLETION_REQUESTS]
+    assert len(plain) == 3 and len(with_completions) == 4 and len(added) == 1
+    assert "return y" not in added[0] and '"""Half of x.' in added[0]
+    assert sorted(set(with_completions) - set(added)) == sorted(plain)
+
+
+def test_data_spec_key_names_the_completions_only_when_on():
+    from draftwise.distill.recipe import DataSpec
+
+    # The name of data prepared without completion prompts does not change with the field.
+    assert DataSpec(train_prompts=3467, methods=True).key() == "bb0b78aed866"
+    assert DataSpec(completions=True).key() != DataSpec().key()
+
+
 def test_generated_log_probs_equal_a_teacher_pass(target):
     ids = torch.arange(0, VOCAB, 2)
     examples, recorded = sample_continuations(target, _prompts(5), 8, temperature=1.0, record_ids=ids,

@@ -45,6 +45,12 @@ CODE_REQUESTS = (
     "Write a docstring for this function.",
     "Write a short example that calls this function.",
 )
+COMPLETION_REQUESTS = (
+    "Implement this Python function.",
+    "Write the body of this function, then explain your code briefly.",
+    "Fill in this function so that it does what its docstring says.",
+    "Finish writing this function and describe how it works.",
+)
 TEXT_REQUESTS = (
     "Summarize this text in a few sentences.",
     "Explain the main idea of this passage.",
@@ -116,9 +122,11 @@ def doc_passages(max_chars: int = 700, docs_dir: Path = DOCS_DIR) -> list[str]:
     return passages
 
 
-def training_requests(count: int, seed: int = 0, methods: bool = False) -> list[str]:
+def training_requests(count: int, seed: int = 0, methods: bool = False, completions: bool = False) -> list[str]:
     """``count`` chat requests about training text: 3/4 code (non-held-out stdlib functions, and
-    class methods with ``methods``), 1/4 documentation passages when the docs are installed."""
+    class methods with ``methods``), 1/4 documentation passages when the docs are installed.
+    With ``completions``, also one request per chosen function with a docstring to write its body
+    from its signature and docstring."""
     rng = random.Random(seed)
     code, docs = stdlib_functions(methods=methods), doc_passages()
     rng.shuffle(code)
@@ -126,8 +134,23 @@ def training_requests(count: int, seed: int = 0, methods: bool = False) -> list[
     n_docs = min(len(docs), count // 4)
     requests = [f"{rng.choice(CODE_REQUESTS)}\n\n```python\n{src}\n```" for src in code[: count - n_docs]]
     requests += [f"{rng.choice(TEXT_REQUESTS)}\n\n{text}" for text in docs[:n_docs]]
+    if completions:
+        heads = [h for h in map(signature_and_docstring, code[: count - n_docs]) if h is not None]
+        requests += [f"{rng.choice(COMPLETION_REQUESTS)}\n\n```python\n{head}\n```" for head in heads]
     rng.shuffle(requests)
     return requests
+
+
+def signature_and_docstring(source: str) -> str | None:
+    """A function's source cut after its docstring (the body left to write), or None when it has
+    no docstring or nothing after it."""
+    try:
+        node = ast.parse(source).body[0]
+    except (SyntaxError, IndexError):
+        return None
+    if not isinstance(node, ast.FunctionDef) or ast.get_docstring(node) is None or len(node.body) < 2:
+        return None
+    return "\n".join(source.splitlines()[: node.body[0].end_lineno])
 
 
 def heldout_requests(source: str = "stdlib", count: int | None = None, seed: int = 0) -> list[str]:

@@ -36,10 +36,14 @@ class DataSpec:
     max_prompt_tokens: int = 192
     teacher_temperature: float = 1.0
     methods: bool = False  # training prompts also about class methods (many more distinct prompts)
+    completions: bool = False  # also requests to write a documented function's body
     seed: int = 0
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = dataclasses.asdict(self)
+        if not self.completions:  # left out when off: data prepared without the field keeps its name
+            del fields["completions"]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclasses.dataclass
@@ -73,8 +77,8 @@ def prepare_data(target, tokenizer, spec: DataSpec = DataSpec(), cache_dir: str 
         return PreparedData(**torch.load(path, weights_only=False))
     vocab = target.get_input_embeddings().weight.shape[0]
     eos = tokenizer.eos_token_id
-    prompts = chat_prompts(tokenizer, training_requests(spec.train_prompts, spec.seed, spec.methods),
-                           spec.max_prompt_tokens)
+    requests = training_requests(spec.train_prompts, spec.seed, spec.methods, spec.completions)
+    prompts = chat_prompts(tokenizer, requests, spec.max_prompt_tokens)
     heldout_prompts = chat_prompts(tokenizer, heldout_requests(spec.heldout_source, spec.heldout_prompts, spec.seed),
                                    spec.max_prompt_tokens)
     fixed = corpus_examples(tokenizer, corpus_texts(spec.corpus_texts, spec.seed), spec.corpus_length)
