@@ -28,6 +28,14 @@ from draftwise.engine import LookupThenModelDrafter, ModelDrafter, load_draft
 RESULTS = Path(__file__).parent / "results"
 
 
+def heldout_prompt_sets(tokenizer, humaneval: int) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """The held-out prompts and the decoding modes each is measured in: the demo's first 4
+    (greedy) and ``humaneval`` HumanEval problems (greedy and T = 1), chat-formatted."""
+    problems = [chat_text(tokenizer, r) for r in heldout_requests("humaneval", humaneval, seed=1)]
+    return {"demo (stdlib, held-out files)": (demo_prompts(tokenizer)[:4], ("greedy",)),
+            "HumanEval": (problems, ("greedy", "T=1"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, help="the cross-entropy baseline's draft folder")
@@ -53,9 +61,7 @@ def main() -> None:
         if not sep or not name or not folder:
             parser.error(f"--extra: expected NAME=FOLDER, got {extra!r}")
         drafts[name] = load_draft(Path(folder).expanduser(), target)
-    humaneval = [chat_text(tokenizer, r) for r in heldout_requests("humaneval", args.humaneval, seed=1)]
-    prompt_sets = {"demo (stdlib, held-out files)": (demo_prompts(tokenizer)[:4], ("greedy",)),
-                   "HumanEval": (humaneval, ("greedy", "T=1"))}
+    prompt_sets = heldout_prompt_sets(tokenizer, args.humaneval)
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
               "draft": DEFAULT_DRAFT.folder.name, "max_new_tokens": args.max_new_tokens,

@@ -49,8 +49,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from draftwise.defaults import demo_prompts, load_target
-from draftwise.distill.data import chat_text, heldout_requests
+from default_draft import heldout_prompt_sets  # the same prompt sets as the default draft's bench
+
+from draftwise.defaults import load_target
 from draftwise.distill.evaluate import evaluate_drafts
 from draftwise.engine import load_draft
 
@@ -108,9 +109,7 @@ def main() -> None:
         last = history["history"][-1]
         training[name] = {"objective": history["config"]["objective"], "steps": last["step"],
                           "acceptance": last["acceptance"], "top1": last["top1"], "seconds": last["seconds"]}
-    humaneval = [chat_text(tokenizer, r) for r in heldout_requests("humaneval", args.humaneval, seed=1)]
-    prompt_sets = {"demo (stdlib, held-out files)": (demo_prompts(tokenizer)[:4], ("greedy",)),
-                   "HumanEval": (humaneval, ("greedy", "T=1"))}
+    prompt_sets = heldout_prompt_sets(tokenizer, args.humaneval)
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
               "max_new_tokens": args.max_new_tokens, "training": training, "results": {}}

@@ -132,10 +132,11 @@ def training_requests(count: int, seed: int = 0, methods: bool = False, completi
     rng.shuffle(code)
     rng.shuffle(docs)
     n_docs = min(len(docs), count // 4)
-    requests = [f"{rng.choice(CODE_REQUESTS)}\n\n```python\n{src}\n```" for src in code[: count - n_docs]]
+    code = code[: count - n_docs]
+    requests = [f"{rng.choice(CODE_REQUESTS)}\n\n```python\n{src}\n```" for src in code]
     requests += [f"{rng.choice(TEXT_REQUESTS)}\n\n{text}" for text in docs[:n_docs]]
     if completions:
-        heads = [h for h in map(signature_and_docstring, code[: count - n_docs]) if h is not None]
+        heads = [h for h in map(signature_and_docstring, code) if h is not None]
         requests += [f"{rng.choice(COMPLETION_REQUESTS)}\n\n```python\n{head}\n```" for head in heads]
     rng.shuffle(requests)
     return requests
