@@ -7,6 +7,7 @@ import torch
 from tiny_models import tiny_model
 
 from draftwise.distill import DistillConfig, DistillTrainer, build_draft, load_draft
+from draftwise.distill.trainer import OBJECTIVES
 from draftwise.distill.data import Example, collate, frequent_tokens, sample_continuations, teacher_log_probs
 from draftwise.distill.sources import Item, Mixture, OnPolicySource, StaticSource, Teacher
 
@@ -72,6 +73,8 @@ def test_unprepared_fixed_text_gets_the_teacher_only_when_the_objective_needs_it
     expected = Teacher(target, None)([i.example for i in scored])
     assert all(torch.equal(i.teacher, t) for i, t in zip(scored, expected))
     assert all(i.teacher is None for i in make_sources(data, target, None, {"fixed": 1.0}, needs_teacher=False).take(6))
+    # Only cross-entropy trains without the teacher's log-probs.
+    assert [o for o in OBJECTIVES if not DistillConfig(objective=o).needs_teacher] == ["ce"]
 
 
 def test_corpus_documentation_share_is_checked():

@@ -163,7 +163,7 @@ def distill(target, tokenizer, data: PreparedData, output_dir: str | Path, *, la
         draft = build_draft(target, layers=layers, fresh=fresh, vocab_ids=data.vocab_ids, seed=config.seed)
     sources = make_sources(data, target, draft, mix or {"target": 1.0}, on_policy_tokens=on_policy_tokens,
                            teacher_temperature=config.temperature, eos_token_id=tokenizer.eos_token_id,
-                           seed=config.seed, needs_teacher=config.objective != "ce")
+                           seed=config.seed, needs_teacher=config.needs_teacher)
     trainer = DistillTrainer(draft, sources, config, output_dir, heldout=heldout_items(data))
     if resume:
         trainer.resume()

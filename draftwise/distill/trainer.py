@@ -56,6 +56,12 @@ class DistillConfig:
         if self.lr <= 0 or self.temperature <= 0 or not 0 <= self.beta <= 1:
             raise ValueError("lr and temperature must be > 0 and beta in [0, 1]")
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training reads the teacher's log-probs (every objective but ``"ce"``, which
+        reads only the next tokens)."""
+        return self.objective != "ce"
+
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step`` (0-based)."""
         if step < self.warmup_steps:
@@ -102,7 +108,7 @@ class DistillTrainer:
     def loss(self, items: Sequence[Item]) -> torch.Tensor:
         logits = self._logits(items)
         c = self.config
-        if c.objective == "ce":
+        if not c.needs_teacher:
             return cross_entropy(logits, self._labels(items))
         teacher = torch.cat([i.teacher for i in items]).to(self.device, torch.float32)
         return divergence(logits, teacher, c.objective, beta=c.beta, temperature=c.temperature)
