@@ -825,6 +825,33 @@ void run_with_logits(const ChainArgs& a) {
   throw std::invalid_argument("draft_probs: unsupported dtype code");
 }
 
+// The raw-pointer interface cannot see buffer sizes; it checks what it can: sizes, the buffers
+// every call needs, the option codes and the per-row values (the messages of spec.py).
+void check_args(const ChainArgs& a) {
+  if (a.batch < 0 || a.num_draft < 0 || a.vocab < 1)
+    throw std::invalid_argument("sizes: expected batch >= 0, num_draft >= 0 and vocab >= 1");
+  if (a.target_logits_ptr == nullptr || a.temperature_ptr == nullptr || a.top_k_ptr == nullptr ||
+      a.top_p_ptr == nullptr || a.output_tokens_ptr == nullptr || a.num_accepted_ptr == nullptr ||
+      (a.num_draft > 0 && a.draft_tokens_ptr == nullptr))
+    throw std::invalid_argument("buffers: a required buffer address is 0");
+  const int kind = static_cast<int>(a.lenience_kind);
+  if (kind < 0 || kind > static_cast<int>(Lenience::kPower))
+    throw std::invalid_argument("lenience_kind: expected 0 (none), 1 (linear), 2 (square) or 3 (power)");
+  if (!(a.lenience_epsilon > 0.0 && a.lenience_epsilon <= 1.0))
+    throw std::invalid_argument("lenience_epsilon: expected a float in (0, 1]");
+  for (int64_t b = 0; b < a.batch; ++b) {
+    if (!(a.temperature_ptr[b] >= 0.0f))
+      throw std::invalid_argument(
+          "temperature: expected values >= 0 (0 means greedy), got a negative or NaN value");
+    if (a.top_k_ptr[b] < 0)
+      throw std::invalid_argument(
+          "top_k: expected values >= 0 (0 or None switches it off), got a negative value");
+    if (!(a.top_p_ptr[b] > 0.0f && a.top_p_ptr[b] <= 1.0f))
+      throw std::invalid_argument(
+          "top_p: expected values in (0, 1] (1 or None switches it off), got a value outside");
+  }
+}
+
 }  // namespace
 
 void philox_uniforms(uint64_t seed, uint32_t c0_start, uint32_t c1, uint32_t c2, int64_t n,
@@ -835,7 +862,8 @@ void philox_uniforms(uint64_t seed, uint32_t c0_start, uint32_t c1, uint32_t c2,
 }
 
 void verify_chain(const ChainArgs& a) {
-  if (a.batch <= 0) return;
+  if (a.batch == 0) return;
+  check_args(a);
   if (a.seeds_ptr == nullptr) {
     const bool ok = [](DType d) { return d == DType::kFloat32 || d == DType::kFloat64; }(
                         a.accept_uniforms_dtype) &&

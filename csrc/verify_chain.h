@@ -42,7 +42,9 @@ struct ChainArgs {
   float* accept_probs_ptr = nullptr;     // [B, K] or nullptr
 };
 
-// Runs chain verification; throws std::invalid_argument on an unsupported dtype.
+// Runs chain verification; throws std::invalid_argument on an unsupported dtype, a negative size,
+// a missing required buffer, an unknown lenience or an out-of-range per-row value (temperature
+// < 0 or NaN, top_k < 0, top_p outside (0, 1]). Draft ids outside [0, V) end the row's drafts.
 void verify_chain(const ChainArgs& args);
 
 // Philox4x32-10 uniforms u = ((x >> 9) + 0.5) * 2**-23 of word 0 for the counters

@@ -46,7 +46,8 @@ def verify_chain(
     """Verify a batch of drafted chains against the target in one fused step.
 
     Args:
-        draft_tokens: ``[B, K]`` int64 drafted ids; ``PAD_TOKEN`` (-1) pads rows with fewer drafts.
+        draft_tokens: ``[B, K]`` int64 or int32 drafted ids; ``PAD_TOKEN`` (-1) pads rows with
+            fewer drafts (any id outside ``[0, V)`` ends a row's drafts the same way).
         draft_probs: ``[B, K, V]``, the distribution each drafted token was drawn from, or
             ``None`` for one-hot drafts (prompt lookup, greedy drafts): accept x with
             probability p(x), else sample p without x.

@@ -1,8 +1,10 @@
 """Chain verification by the C++ CPU kernel ``draftwise._C`` (sources in ``csrc/``).
 
-The extension takes raw data pointers, so this module owns every buffer: it makes the inputs
-contiguous (in a dtype the kernel reads), allocates the outputs and passes addresses, sizes and
-dtype codes. The kernel releases the GIL and uses ``torch.get_num_threads()`` OpenMP threads.
+The extension takes raw data pointers, so this module owns every buffer: it takes inputs whose
+shapes :class:`~draftwise.kernels.spec.ChainInputs` has checked, makes each one a contiguous buffer
+of a dtype the kernel reads, allocates the outputs and passes addresses, sizes and dtype codes.
+The kernel checks the per-row values as it reads them (``ValueError`` naming the parameter),
+releases the GIL and uses ``torch.get_num_threads()`` OpenMP threads.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ except ImportError:  # the optional extension was not built
 
 # Element types the kernel reads, with the codes of csrc/verify_chain.h (DType).
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+FLOAT_DTYPES = tuple(DTYPE_CODES)  # float32 first: what other dtypes are converted to
 UNIFORM_DTYPES = (torch.float32, torch.float64)
+FLOAT32, INT64 = (torch.float32,), (torch.int64,)
 
 
 def _extension():
@@ -32,11 +36,11 @@ def _extension():
     return _C
 
 
-def _readable(x: torch.Tensor, dtypes) -> torch.Tensor:
-    """``x`` contiguous, converted to float32 when the kernel does not read its dtype."""
+def _buffer(x: torch.Tensor, dtypes) -> torch.Tensor:
+    """``x`` contiguous, converted to ``dtypes[0]`` when the kernel does not read its dtype."""
     if x.dtype not in dtypes:
-        x = x.to(torch.float32)
-    return x.contiguous()
+        x = x.to(dtypes[0])
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _address(x: Optional[torch.Tensor]) -> int:
@@ -46,20 +50,22 @@ def _address(x: Optional[torch.Tensor]) -> int:
 def verify_chain_cpp(inp: ChainInputs, num_threads: Optional[int] = None) -> VerifyOutput:
     """Chain verification of a validated batch on CPU tensors (see :mod:`draftwise.kernels.spec`)."""
     ext = _extension()
+    if not isinstance(inp, ChainInputs):
+        raise TypeError(f"inp: expected ChainInputs (see normalize_inputs), got {type(inp).__name__}")
     if inp.target_logits.device.type != "cpu":
         raise ValueError(f"target_logits: the cpp backend needs CPU tensors, got a tensor on {inp.target_logits.device}")
     batch, k, vocab = inp.shape
-    logits = _readable(inp.target_logits, DTYPE_CODES)
-    probs = None if inp.draft_probs is None else _readable(inp.draft_probs, DTYPE_CODES)
-    tokens = inp.draft_tokens.contiguous()
-    temperature = inp.temperature.to(torch.float32).contiguous()
-    top_k = inp.top_k.to(torch.int64).contiguous()
-    top_p = inp.top_p.to(torch.float32).contiguous()
-    seeds = None if inp.seeds is None else inp.seeds.to(torch.int64).contiguous()
+    logits = _buffer(inp.target_logits, FLOAT_DTYPES)
+    probs = None if inp.draft_probs is None else _buffer(inp.draft_probs, FLOAT_DTYPES)
+    tokens = _buffer(inp.draft_tokens, INT64)
+    temperature = _buffer(inp.temperature, FLOAT32)
+    top_k = _buffer(inp.top_k, INT64)
+    top_p = _buffer(inp.top_p, FLOAT32)
+    seeds = None if inp.seeds is None else _buffer(inp.seeds, INT64)
     accept_u = race_u = None
     if inp.uniforms is not None:
-        accept_u = _readable(inp.uniforms.accept, UNIFORM_DTYPES)
-        race_u = _readable(inp.uniforms.race, UNIFORM_DTYPES)
+        accept_u = _buffer(inp.uniforms.accept, UNIFORM_DTYPES)
+        race_u = _buffer(inp.uniforms.race, UNIFORM_DTYPES)
 
     output_tokens = torch.empty(batch, k + 1, dtype=torch.int64)
     num_accepted = torch.empty(batch, dtype=torch.int64)

@@ -3,7 +3,10 @@
 The op takes the normalised tensors of :class:`~draftwise.kernels.spec.ChainInputs` (per-row
 parameters as ``[B]`` tensors, seeds or injected uniforms) and a backend name, and returns
 ``(output_tokens, num_accepted, accept_probs)``; ``accept_probs`` is empty (shape ``[0]``) unless
-asked for. Its fake implementation only allocates, so graphs can hold it.
+asked for. Before any kernel reads a byte, the op checks the backend name and every argument's
+type, shape, dtype and device (int32 draft ids are widened to int64) without reading tensor
+contents; the backend then checks the per-row values where it reads them. Its fake
+implementation runs the same checks and only allocates, so graphs can hold it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,28 @@ from typing import Optional
 
 import torch
 
-from .backend import get_implementation
-from .spec import ChainInputs, LenienceKind, Uniforms
+from .backend import BACKENDS, get_implementation, resolve_backend
+from .spec import ChainInputs, Uniforms
+
+
+def _chain_inputs(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, lenience_kind,
+                  lenience_epsilon, seeds, accept_uniforms, race_uniforms, return_accept_probs,
+                  backend, *, check_device: bool = False) -> ChainInputs:
+    """The op's arguments, checked, as :class:`ChainInputs`. ``check_device``: also raise when the
+    backend cannot run on the logits' device (a real call learns that from the backend itself)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    no_uniforms = accept_uniforms is None and race_uniforms is None
+    inputs = ChainInputs(
+        draft_tokens=draft_tokens, draft_probs=draft_probs, target_logits=target_logits,
+        temperature=temperature, top_k=top_k, top_p=top_p, lenience_kind=lenience_kind,
+        lenience_epsilon=lenience_epsilon, seeds=seeds,
+        uniforms=None if no_uniforms else Uniforms(accept_uniforms, race_uniforms),
+        return_accept_probs=return_accept_probs,
+    )
+    if check_device:
+        resolve_backend(backend, inputs.target_logits.device)
+    return inputs
 
 
 @torch.library.custom_op("draftwise::verify_chain", mutates_args=())
@@ -32,25 +55,21 @@ def verify_chain_op(
     return_accept_probs: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    uniforms = None if accept_uniforms is None else Uniforms(accept_uniforms, race_uniforms)
-    inputs = ChainInputs(
-        draft_tokens=draft_tokens, draft_probs=draft_probs, target_logits=target_logits,
-        temperature=temperature, top_k=top_k, top_p=top_p,
-        lenience_kind=LenienceKind(lenience_kind), lenience_epsilon=lenience_epsilon,
-        seeds=seeds, uniforms=uniforms, return_accept_probs=return_accept_probs,
-    )
+    inputs = _chain_inputs(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, lenience_kind,
+                           lenience_epsilon, seeds, accept_uniforms, race_uniforms, return_accept_probs, backend)
     out = get_implementation(backend)(inputs)
     accept_probs = out.accept_probs if return_accept_probs else target_logits.new_empty(0, dtype=torch.float32)
     return out.output_tokens, out.num_accepted, accept_probs
 
 
 @verify_chain_op.register_fake
-def _(draft_tokens, draft_probs, target_logits, temperature, top_k, top_p, lenience_kind,
-      lenience_epsilon, seeds, accept_uniforms, race_uniforms, return_accept_probs, backend):
-    batch, k = draft_tokens.shape
-    output_tokens = draft_tokens.new_empty(batch, k + 1)
-    num_accepted = draft_tokens.new_empty(batch)
-    accept_probs = target_logits.new_empty((batch, k) if return_accept_probs else (0,), dtype=torch.float32)
+def _(*args):
+    inputs = _chain_inputs(*args, check_device=True)
+    batch, k, _ = inputs.shape
+    logits = inputs.target_logits
+    output_tokens = logits.new_empty((batch, k + 1), dtype=torch.int64)
+    num_accepted = logits.new_empty((batch,), dtype=torch.int64)
+    accept_probs = logits.new_empty((batch, k) if inputs.return_accept_probs else (0,), dtype=torch.float32)
     return output_tokens, num_accepted, accept_probs
 
 

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import torch
 
-from .spec import PAD_TOKEN, ChainInputs, LenienceKind, Uniforms, VerifyOutput, normalize_inputs
+from .spec import PAD_TOKEN, ChainInputs, LenienceKind, Uniforms, VerifyOutput, check_row_values, normalize_inputs
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -147,11 +147,14 @@ def _race(weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64) -> VerifyOutput:
     """Chain verification of a validated batch (see :mod:`draftwise.kernels.spec`)."""
+    if not isinstance(inp, ChainInputs):
+        raise TypeError(f"inp: expected ChainInputs (see normalize_inputs), got {type(inp).__name__}")
+    filtered = check_row_values(inp)
     batch, k, vocab = inp.shape
     device = inp.target_logits.device
     rows = torch.arange(batch, device=device)
     logits = sanitize_logits(inp.target_logits, compute_dtype)
-    probs = target_probs(logits, inp.temperature, inp.top_k, inp.top_p)  # [B, K+1, V]
+    probs = target_probs(logits, inp.temperature, inp.top_k, inp.top_p, filtered)  # [B, K+1, V]
     greedy_tokens = logits.argmax(-1)  # [B, K+1], lowest index on ties
     is_greedy = (inp.temperature == 0).view(-1, 1)
 

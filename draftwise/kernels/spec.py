@@ -106,13 +106,18 @@ class Lenience:
         return LenienceKind[self.kind.upper()]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ChainInputs:
     """Validated, normalised inputs: what every backend implementation receives.
 
-    Per-row parameters are tensors on the logits' device. ``top_k == 0`` and ``top_p == 1``
-    switch the filter off; ``temperature == 0`` is greedy. Exactly one of ``seeds`` and
-    ``uniforms`` is set.
+    Construction checks the type, shape, dtype and device of every field (never tensor contents)
+    and raises ``TypeError``/``ValueError`` naming the field; it widens int32 draft ids and top-k
+    to int64 (the ids of vLLM and FlashInfer are int32) and brings per-row floats to float32.
+    Per-row parameters are ``[B]`` tensors on the logits' device. ``top_k == 0`` and
+    ``top_p == 1`` switch the filter off; ``temperature == 0`` is greedy. Exactly one of ``seeds``
+    and ``uniforms`` is set. Each backend checks the per-row values where it reads them
+    (:func:`check_row_values`, or the C++ kernel itself). Draft ids outside ``[0, V)`` are not an
+    error: they end the row's drafts, like ``PAD_TOKEN``.
     """
 
     draft_tokens: torch.Tensor  # [B, K] int64
@@ -127,16 +132,28 @@ class ChainInputs:
     uniforms: Optional[Uniforms]
     return_accept_probs: bool
 
+    def __post_init__(self) -> None:
+        batch, k, vocab = check_chain_tensors(self.draft_tokens, self.draft_probs, self.target_logits)
+        device = self.target_logits.device
+        normalised = dict(
+            draft_tokens=_as_int64(self.draft_tokens),
+            temperature=_row_tensor("temperature", self.temperature, batch, device, torch.float32),
+            top_k=_row_tensor("top_k", self.top_k, batch, device, torch.int64),
+            top_p=_row_tensor("top_p", self.top_p, batch, device, torch.float32),
+            lenience_kind=_lenience_kind(self.lenience_kind),
+            lenience_epsilon=_lenience_epsilon(self.lenience_epsilon),
+            uniforms=_noise(self.seeds, self.uniforms, batch, k, vocab, device),
+        )
+        if not isinstance(self.return_accept_probs, bool):
+            raise TypeError(f"return_accept_probs: expected a bool, got {_describe(self.return_accept_probs)}")
+        for name, value in normalised.items():
+            if value is not getattr(self, name):
+                object.__setattr__(self, name, value)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         batch, k = self.draft_tokens.shape
         return batch, k, self.target_logits.shape[-1]
-
-    @property
-    def any_filter(self) -> bool:
-        """True when some row uses top-k or top-p (one host sync; call outside hot loops)."""
-        vocab = self.shape[2]
-        return bool(((self.top_k > 0) & (self.top_k < vocab)).any() or (self.top_p < 1).any())
 
 
 def _describe(x) -> str:
@@ -156,40 +173,89 @@ def _check_tensor(name: str, x, ndim: int, device: torch.device, floating: bool)
         raise ValueError(f"{name}: expected a tensor on {device} like target_logits, got {_describe(x)}")
 
 
-def _per_row(name: str, value, batch: int, device, dtype, default, integer: bool) -> torch.Tensor:
+def check_chain_tensors(draft_tokens, draft_probs, target_logits) -> tuple[int, int, int]:
+    """Type, shape, dtype and device of the drafts and the target logits; returns ``(B, K, V)``."""
+    if not isinstance(target_logits, torch.Tensor):
+        raise TypeError(f"target_logits: expected a torch.Tensor, got {_describe(target_logits)}")
+    device = target_logits.device
+    _check_tensor("target_logits", target_logits, 3, device, floating=True)
+    _check_tensor("draft_tokens", draft_tokens, 2, device, floating=False)
+    if draft_tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"draft_tokens: expected an int64 or int32 tensor, got {_describe(draft_tokens)}")
+    batch, k = draft_tokens.shape
+    vocab = target_logits.shape[-1]
+    if target_logits.shape[:2] != (batch, k + 1):
+        raise ValueError(
+            f"target_logits: expected shape ({batch}, {k + 1}, V) for draft_tokens of shape "
+            f"({batch}, {k}), got {_describe(target_logits)}"
+        )
+    if vocab < 1:
+        raise ValueError(f"target_logits: expected a vocabulary of at least 1, got {_describe(target_logits)}")
+    if draft_probs is not None:
+        _check_tensor("draft_probs", draft_probs, 3, device, floating=True)
+        if draft_probs.shape != (batch, k, vocab):
+            hint = " (V mismatch: the draft's vocabulary differs from the target's)" if (
+                draft_probs.shape[:2] == (batch, k)) else ""
+            raise ValueError(
+                f"draft_probs: expected shape ({batch}, {k}, {vocab}){hint}, got {_describe(draft_probs)}"
+            )
+    return batch, k, vocab
+
+
+def _as_int64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int64 else x.long()
+
+
+def _row_tensor(name: str, x, batch: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[B]`` tensor of a sampling parameter on ``device``, converted to ``dtype``.
+
+    Float parameters take float, int32 and int64 tensors; integer ones any integer tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape ({batch},), got {_describe(x)}")
+    if x.shape != (batch,):
+        raise ValueError(f"{name}: expected a tensor of shape ({batch},), got {_describe(x)}")
+    if dtype.is_floating_point and not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name}: expected a float tensor, got {_describe(x)}")
+    if not dtype.is_floating_point and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise TypeError(f"{name}: expected an integer tensor, got {_describe(x)}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} like target_logits, got {_describe(x)}")
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _per_row(name: str, value, batch: int, device, dtype, default) -> torch.Tensor:
     """A scalar or a ``[B]`` tensor of a sampling parameter -> a ``[B]`` tensor on ``device``."""
     if value is None:
         value = default
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
-        if value.shape != (batch,):
-            raise ValueError(f"{name}: expected a scalar or a tensor of shape ({batch},), got {_describe(value)}")
-        if integer and value.is_floating_point():
-            raise TypeError(f"{name}: expected an integer tensor, got {_describe(value)}")
-        if not integer and not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{name}: expected a float tensor, got {_describe(value)}")
-        return value.to(device=device, dtype=dtype)
+        return _row_tensor(name, value.to(device), batch, device, dtype)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number or a tensor of shape ({batch},), got {_describe(value)}")
-    if integer and not isinstance(value, numbers.Integral):
+    if not dtype.is_floating_point and not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer, got {_describe(value)}")
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
-def _check_ranges(temperature, top_k, top_p) -> None:
-    """Value checks on the per-row parameters (one host sync when they live on a GPU)."""
-    bad = torch.stack([
-        (temperature < 0).any() | temperature.isnan().any(),
+def check_row_values(inp: ChainInputs) -> bool:
+    """Raise ``ValueError`` on out-of-range per-row values; return whether some row uses top-k or
+    top-p. Both come from one host sync (call it once per step, never per row)."""
+    vocab = inp.shape[2]
+    temperature, top_k, top_p = inp.temperature, inp.top_k, inp.top_p
+    bad_temperature, bad_top_k, bad_top_p, any_filter = torch.stack([
+        ~(temperature >= 0).all(),  # negative or NaN
         (top_k < 0).any(),
-        ((top_p <= 0) | (top_p > 1) | top_p.isnan()).any(),
+        ~((top_p > 0) & (top_p <= 1)).all(),
+        ((top_k > 0) & (top_k < vocab)).any() | (top_p < 1).any(),
     ]).tolist()
-    if bad[0]:
+    if bad_temperature:
         raise ValueError("temperature: expected values >= 0 (0 means greedy), got a negative or NaN value")
-    if bad[1]:
+    if bad_top_k:
         raise ValueError("top_k: expected values >= 0 (0 or None switches it off), got a negative value")
-    if bad[2]:
+    if bad_top_p:
         raise ValueError("top_p: expected values in (0, 1] (1 or None switches it off), got a value outside")
+    return any_filter
 
 
 def _lenience(lenience) -> tuple[LenienceKind, float]:
@@ -200,6 +266,27 @@ def _lenience(lenience) -> tuple[LenienceKind, float]:
     if not isinstance(lenience, Lenience):
         raise TypeError(f"lenience: expected None, a float epsilon or a Lenience, got {_describe(lenience)}")
     return lenience.code, float(lenience.epsilon)
+
+
+def _lenience_kind(kind) -> LenienceKind:
+    if isinstance(kind, bool) or not isinstance(kind, numbers.Integral):
+        raise TypeError(f"lenience_kind: expected an int, one of {_lenience_codes()}, got {_describe(kind)}")
+    try:
+        return LenienceKind(kind)
+    except ValueError:
+        raise ValueError(f"lenience_kind: expected one of {_lenience_codes()}, got {kind!r}") from None
+
+
+def _lenience_codes() -> str:
+    return ", ".join(f"{int(code)} ({code.name.lower()})" for code in LenienceKind)
+
+
+def _lenience_epsilon(epsilon) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"lenience_epsilon: expected a float in (0, 1], got {_describe(epsilon)}")
+    if not (0.0 < epsilon <= 1.0):
+        raise ValueError(f"lenience_epsilon: expected a float in (0, 1], got {epsilon!r}")
+    return float(epsilon)
 
 
 def _seeds(seed, batch: int, device) -> torch.Tensor:
@@ -230,6 +317,22 @@ def _uniforms(uniforms, batch: int, k: int, vocab: int, device) -> Uniforms:
     return Uniforms(accept, race)
 
 
+def _noise(seeds, uniforms, batch: int, k: int, vocab: int, device) -> Optional[Uniforms]:
+    """Checks that exactly one of ``seeds`` (``[B]`` int64) and ``uniforms`` is given; returns the
+    uniforms as :class:`Uniforms`."""
+    if (seeds is None) == (uniforms is None):
+        given = "both" if seeds is not None else "neither"
+        raise ValueError(f"seeds: expected exactly one of seeds and uniforms, got {given}")
+    if uniforms is not None:
+        return _uniforms(uniforms, batch, k, vocab, device)
+    _check_tensor("seeds", seeds, 1, device, floating=False)
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"seeds: expected an int64 tensor of shape ({batch},), got {_describe(seeds)}")
+    if seeds.shape != (batch,):
+        raise ValueError(f"seeds: expected an int64 tensor of shape ({batch},), got {_describe(seeds)}")
+    return None
+
+
 def normalize_inputs(
     draft_tokens,
     draft_probs,
@@ -245,40 +348,15 @@ def normalize_inputs(
 ) -> ChainInputs:
     """Validate the public arguments of ``verify_chain`` and bring them to one form.
 
-    Raises ``TypeError``/``ValueError`` naming the argument, what was expected and what came.
+    Raises ``TypeError``/``ValueError`` naming the argument, what was expected and what came. The
+    per-row values (negative temperature, top-p outside (0, 1] ...) are rejected by the backend
+    that reads them (:func:`check_row_values`), so a call costs one host sync at most.
     """
-    if not isinstance(target_logits, torch.Tensor):
-        raise TypeError(f"target_logits: expected a torch.Tensor, got {_describe(target_logits)}")
+    batch, k, vocab = check_chain_tensors(draft_tokens, draft_probs, target_logits)
     device = target_logits.device
-    _check_tensor("target_logits", target_logits, 3, device, floating=True)
-    _check_tensor("draft_tokens", draft_tokens, 2, device, floating=False)
-    if draft_tokens.dtype != torch.int64:
-        raise TypeError(f"draft_tokens: expected an int64 tensor, got {_describe(draft_tokens)}")
-    batch, k = draft_tokens.shape
-    vocab = target_logits.shape[-1]
-    if target_logits.shape[:2] != (batch, k + 1):
-        raise ValueError(
-            f"target_logits: expected shape ({batch}, {k + 1}, V) for draft_tokens of shape "
-            f"({batch}, {k}), got {_describe(target_logits)}"
-        )
-    if vocab < 1:
-        raise ValueError(f"target_logits: expected a vocabulary of at least 1, got {_describe(target_logits)}")
-    if draft_probs is not None:
-        _check_tensor("draft_probs", draft_probs, 3, device, floating=True)
-        if draft_probs.shape != (batch, k, vocab):
-            hint = " (V mismatch: the draft's vocabulary differs from the target's)" if (
-                draft_probs.shape[:2] == (batch, k)) else ""
-            raise ValueError(
-                f"draft_probs: expected shape ({batch}, {k}, {vocab}){hint}, got {_describe(draft_probs)}"
-            )
-    if not isinstance(return_accept_probs, bool):
-        raise TypeError(f"return_accept_probs: expected a bool, got {_describe(return_accept_probs)}")
-
-    temperature_rows = _per_row("temperature", temperature, batch, device, torch.float32, 1.0, integer=False)
-    top_k_rows = _per_row("top_k", top_k, batch, device, torch.int64, 0, integer=True)
-    top_p_rows = _per_row("top_p", top_p, batch, device, torch.float32, 1.0, integer=False)
-    if batch > 0:
-        _check_ranges(temperature_rows, top_k_rows, top_p_rows)
+    temperature_rows = _per_row("temperature", temperature, batch, device, torch.float32, 1.0)
+    top_k_rows = _per_row("top_k", top_k, batch, device, torch.int64, 0)
+    top_p_rows = _per_row("top_p", top_p, batch, device, torch.float32, 1.0)
     lenience_kind, lenience_epsilon = _lenience(lenience)
 
     if uniforms is not None:

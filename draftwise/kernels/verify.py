@@ -4,10 +4,11 @@ Two launches per call, nothing of size V written to memory:
 
 1. ``_chain_stats_kernel``, grid ``(B*(K+1), C1)``: each program reads one vocabulary chunk of one
    (row, position) of the logits and writes its partial max, sum-exp and argmax. When some row
-   uses top-k/top-p (``inp.any_filter``, one host check per call) there is one chunk per
-   (row, position) and the program also finds the exact keep threshold of top-k, then of top-p, by
-   a 16-way search over the order-preserving int32 key of the float32 logit (up to 8 passes over the
-   row each). It also resets the per-row scratch that launch 2 combines into.
+   uses top-k/top-p (``check_row_values``: the one host sync per call, which also rejects
+   out-of-range per-row values) there is one chunk per (row, position) and the program also finds
+   the exact keep threshold of top-k, then of top-p, by a 16-way search over the order-preserving
+   int32 key of the float32 logit (up to 8 passes over the row each). It also resets the per-row
+   scratch that launch 2 combines into.
 2. ``_chain_sample_kernel``, grid ``(B, P, C2)``: every program combines the ``(K+1) x C1``
    partials of its row, decides acceptance for the whole row (the same answer in every program),
    then races over its chunk at the emitted position j: ``argmax_v r(v) / E_v`` over the
@@ -19,7 +20,9 @@ Two launches per call, nothing of size V written to memory:
    adds its chunk's share at position i with ``tl.atomic_add``; the float sum order may vary run
    to run), else ``P = 1``.
 
-Math is float32 for any input dtype; injected uniforms are read as float32.
+Math is float32 for any input dtype; injected uniforms are read as float32. The launcher makes
+the last dimension of every input unit-stride and converts float types the kernels do not read
+(float8 ...) to float32.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .spec import ChainInputs, LenienceKind, VerifyOutput
+from .spec import ChainInputs, LenienceKind, VerifyOutput, check_row_values
 
 # Tuning knobs: vocabulary tile per loop step, vocabulary entries per program in each launch, and
 # the tile of the threshold search (it holds a [tile, 16] comparison).
@@ -402,8 +405,17 @@ def _chain_sample_kernel(
             tl.store(accept_probs_ptr + b * k_max + i, value, mask=store)
 
 
+KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _contiguous_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a unit stride along its last dimension (the kernels index it without a stride)."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _readable_float(x: torch.Tensor) -> torch.Tensor:
+    """A float input in a dtype the kernels read, unit stride along its last dimension."""
+    return _contiguous_last(x if x.dtype in KERNEL_FLOATS else x.float())
 
 
 def verify_chain_triton(
@@ -411,6 +423,8 @@ def verify_chain_triton(
     sample_chunk: int | None = None,
 ) -> VerifyOutput:
     """Chain verification in two Triton launches; the keywords override the module's tuning knobs."""
+    if not isinstance(inp, ChainInputs):
+        raise TypeError(f"inp: expected ChainInputs (see normalize_inputs), got {type(inp).__name__}")
     batch, k, vocab = inp.shape
     device = inp.target_logits.device
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -422,20 +436,21 @@ def verify_chain_triton(
     if batch == 0:
         return VerifyOutput(output_tokens, num_accepted, accept_probs)
 
-    logits = _contiguous_last(inp.target_logits)
+    filtered = check_row_values(inp)  # the one host sync
+    logits = _readable_float(inp.target_logits)
     has_q = inp.draft_probs is not None and k > 0
-    draft_probs = _contiguous_last(inp.draft_probs) if has_q else logits
+    draft_probs = _readable_float(inp.draft_probs) if has_q else logits
     draft_tokens = _contiguous_last(inp.draft_tokens) if k > 0 else num_accepted
     has_uniforms = inp.uniforms is not None
     if has_uniforms:
-        accept_u = _contiguous_last(inp.uniforms.accept) if k > 0 else logits
-        race_u = _contiguous_last(inp.uniforms.race)
+        accept_u = _readable_float(inp.uniforms.accept) if k > 0 else logits
+        race_u = _readable_float(inp.uniforms.race)
     else:
         accept_u, race_u = logits, logits
-    seeds = inp.seeds if inp.seeds is not None else num_accepted
+    seeds = _contiguous_last(inp.seeds) if inp.seeds is not None else num_accepted
+    temperature, top_k, top_p = (_contiguous_last(rows) for rows in (inp.temperature, inp.top_k, inp.top_p))
     accept_probs_buf = accept_probs if (accept_probs is not None and k > 0) else output_tokens
 
-    filtered = inp.any_filter  # the one host sync
     block = max(16, min(block_v or BLOCK_V, triton.next_power_of_2(vocab)))
     chunk1 = vocab if filtered else triton.cdiv(stats_chunk or STATS_CHUNK, block) * block
     chunk2 = triton.cdiv(sample_chunk or SAMPLE_CHUNK, block) * block
@@ -452,7 +467,7 @@ def verify_chain_triton(
     min_sums = accept_flag and has_q
 
     _chain_stats_kernel[(rows, chunks1)](
-        logits_ptr=logits, temperature_ptr=inp.temperature, top_k_ptr=inp.top_k, top_p_ptr=inp.top_p,
+        logits_ptr=logits, temperature_ptr=temperature, top_k_ptr=top_k, top_p_ptr=top_p,
         max_ptr=stats[0], sum_ptr=stats[1], argmax_ptr=argmax, threshold_ptr=threshold,
         best_ptr=best, arrivals_ptr=arrivals, accept_probs_ptr=accept_probs_buf,
         num_positions=k + 1, vocab=vocab, chunk=chunk1,
@@ -465,7 +480,7 @@ def verify_chain_triton(
     lenience_arg = eps * eps if lenience == LenienceKind.SQUARE else eps
     _chain_sample_kernel[(batch, k + 1 if min_sums else 1, chunks2)](
         logits_ptr=logits, draft_probs_ptr=draft_probs, draft_tokens_ptr=draft_tokens,
-        temperature_ptr=inp.temperature, seeds_ptr=seeds, accept_u_ptr=accept_u, race_u_ptr=race_u,
+        temperature_ptr=temperature, seeds_ptr=seeds, accept_u_ptr=accept_u, race_u_ptr=race_u,
         max_ptr=stats[0], sum_ptr=stats[1], argmax_ptr=argmax, threshold_ptr=threshold,
         best_ptr=best, arrivals_ptr=arrivals, output_tokens_ptr=output_tokens,
         num_accepted_ptr=num_accepted, accept_probs_ptr=accept_probs_buf,
