@@ -37,6 +37,7 @@ import torch
 from transformers import DynamicCache
 
 from draftwise.defaults import demo_prompts, layer_draft, load_target
+from draftwise.engine.models import cache_argument
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 # Held out: the distillation corpus must not use these files.
@@ -105,13 +106,13 @@ class Stepper:
         self.cache = DynamicCache(config=model.config)
         self.step = torch.full((1, new), 1000, dtype=torch.long)
         with torch.inference_mode():
-            model(context, past_key_values=self.cache, use_cache=True)
+            model(context, **{cache_argument(self.model): self.cache}, use_cache=True)
             self()  # warm-up
 
     @torch.inference_mode()
     def __call__(self) -> float:
         start = time.perf_counter()
-        self.model(self.step, past_key_values=self.cache, use_cache=True)
+        self.model(self.step, **{cache_argument(self.model): self.cache}, use_cache=True)
         elapsed = time.perf_counter() - start
         self.cache.crop(-self.new)  # roll back to the context
         return elapsed * 1e3

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from draftwise.defaults import load_default
 from draftwise.engine import ModelRunner
+from draftwise.engine.models import cache_argument
 from draftwise.engine import skinny_linear
 
 
@@ -41,11 +42,11 @@ def hf_step_ms(model, tokens: int, context: int = 200, calls: int = 30) -> float
     cache = DynamicCache()
     times = []
     with torch.inference_mode():
-        model(input_ids=torch.randint(100, 4000, (1, context)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(100, 4000, (1, context)), **{cache_argument(model): cache}, use_cache=True)
         for i in range(calls + 3):
             block = torch.randint(100, 4000, (1, tokens))
             start = time.perf_counter()
-            model(input_ids=block, past_key_values=cache, use_cache=True)
+            model(input_ids=block, **{cache_argument(model): cache}, use_cache=True)
             times.append(time.perf_counter() - start)
             cache.crop(-tokens)
     return 1e3 * statistics.median(times[3:])

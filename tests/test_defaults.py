@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from draftwise import defaults
+from draftwise.engine.models import cache_argument
 from draftwise.defaults import (DEFAULT_DRAFT, INSTALL_COMMAND, MODEL_DRAFT, TARGET_NAME, demo_prompts, layer_draft,
                                 load_default, load_model_draft, load_target, prepare_target)
 
@@ -88,9 +89,10 @@ def test_layer_draft_shares_embeddings_and_head(target_and_tokenizer, num_layers
     assert len(draft.model.layers) == num_layers == draft.config.num_hidden_layers
     embedding = target.model.embed_tokens.weight
     assert embedding.shape == (49152, 576)
-    assert draft.model.embed_tokens.weight is embedding  # shared, not a copy
+    assert draft.model.embed_tokens.weight.data_ptr() == embedding.data_ptr()  # shared memory, not a copy
     assert draft.lm_head.weight.data_ptr() == embedding.data_ptr()
-    assert draft.model.norm is target.model.norm
+    assert draft.model.norm.weight.data_ptr() == target.model.norm.weight.data_ptr()
+    assert draft.model.norm is not target.model.norm  # converting the draft leaves the target's norm
     assert target.config.num_hidden_layers == 30 and len(target.model.layers) == 30  # target untouched
     # The copied layers hold the target's weights but not its storage.
     first = draft.model.layers[0].self_attn.q_proj.weight
@@ -106,7 +108,7 @@ def test_layer_draft_any_layers_runs_with_a_kv_cache(target_and_tokenizer):
     with torch.inference_mode():
         full = draft(ids).logits
         out = draft(ids[:, :-1], use_cache=True)
-        step = draft(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+        step = draft(ids[:, -1:], **{cache_argument(draft): out.past_key_values}, use_cache=True).logits
     torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
 
 
@@ -135,7 +137,8 @@ def test_load_default(cache_dir):
     from draftwise.engine.draft_model import draft_vocab_ids
 
     target, tokenizer, draft = load_default(cache_dir=cache_dir)
-    assert not draft.training and draft.get_input_embeddings() is target.get_input_embeddings()  # shared
+    embedding = target.get_input_embeddings().weight
+    assert not draft.training and draft.get_input_embeddings().weight.data_ptr() == embedding.data_ptr()  # shared
     assert draft.config.num_hidden_layers < target.config.num_hidden_layers
     ids = draft_vocab_ids(draft)
     assert ids is not None and len(ids) < target.config.vocab_size  # a reduced vocabulary
@@ -143,7 +146,7 @@ def test_load_default(cache_dir):
     model_draft = load_model_draft(target)
     assert not model_draft.training
     assert [layer.self_attn.layer_idx for layer in model_draft.model.layers] == list(range(len(MODEL_DRAFT.layers)))
-    assert model_draft.get_input_embeddings() is target.get_input_embeddings()
+    assert model_draft.get_input_embeddings().weight.data_ptr() == embedding.data_ptr()
     assert len(tokenizer) <= model_draft.config.vocab_size == target.config.vocab_size
 
 

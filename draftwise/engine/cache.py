@@ -94,14 +94,16 @@ class KVLayer(CacheLayerMixin):
         kv_length = cache.max_length + steps
         return keys[:, :, :kv_length], values[:, :, :kv_length]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._cache.max_length + query_length, 0
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        return self._cache.get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
         return self._cache.max_length
 
     def get_max_length(self) -> int:
         return self._cache.capacity
+
+    get_max_cache_shape = get_max_length  # its name in older transformers releases (5.0)
 
     def reset(self) -> None:
         """Buffers keep their stale contents: lengths, not zeros, say what is valid."""
@@ -174,7 +176,7 @@ class KVCache(Cache):
                 layers.append(KVLayer(self, keys, values))
         super().__init__(layers=layers)
         self.capacity = capacity
-        self.max_batch_size = batch_size
+        self._max_batch_size = batch_size
         self.device = device
         self.dtype = dtype
         self.capacity_hint = capacity_hint
@@ -259,11 +261,23 @@ class KVCache(Cache):
         when no ``position_ids`` are given, which the runner never does)."""
         return self.max_length
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        """(key/value length, offset) of a forward of ``query_length`` tokens; older transformers
+        releases (5.0) pass the forward's ``cache_position`` tensor instead of its length."""
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[-1]
         return self.max_length + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.capacity
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # its name in older releases (5.0)
+        return self.capacity
+
+    @property
+    def max_batch_size(self) -> int:
+        """Rows allocated (a read-only property of transformers' ``Cache`` in older releases: 5.0)."""
+        return self._max_batch_size
 
     # ------------------------------------------------------------------ verbs
 

@@ -2,8 +2,9 @@
 
 The model is driven through transformers' own extension points only:
 
-- ``past_key_values=KVCache``: each attention layer writes its new keys/values at every row's own
-  length and attends over slots ``[0, S)``;
+- ``cache=KVCache`` (``past_key_values=`` before transformers 5.24, see :func:`cache_argument`):
+  each attention layer writes its new keys/values at every row's own length and attends over
+  slots ``[0, S)``;
 - ``position_ids [B, T]``: ``position = slot - starts_b`` (each row counts from its first real token);
 - ``attention_mask [B, 1, T, S]``: a 4-D mask, which ``create_causal_mask`` passes through unchanged.
   Query t of row b (at slot ``lengths_b + t``) may attend slot s iff
@@ -37,10 +38,13 @@ than ``sdpa`` and ``eager`` (flash-attention kernels take no arbitrary 4-D mask)
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import weakref
 
 import torch
+import transformers
+from packaging.version import Version
 
 from . import attention, skinny_linear
 from .cache import KVCache
@@ -87,6 +91,30 @@ def _compiled():
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         _compiled_call = torch.compile(_call_model, dynamic=True)
     return _compiled_call
+
+
+# transformers 5.24 renamed the forward argument that takes the KV cache from ``past_key_values``
+# to ``cache``; the old name warns until it goes away in 5.40.
+CACHE_ARGUMENT_SINCE = Version("5.24.0")
+
+
+def cache_argument(model) -> str:
+    """The name under which ``model``'s forward takes the KV cache: ``"cache"`` or ``"past_key_values"``.
+
+    Read from the forward's signature, so that a model follows its own modeling code; a forward
+    whose signature names neither (wrapped as ``*args, **kwargs``) gets the installed release's
+    name. Passing a name the forward does not know would land in its ``**kwargs``, unused: the
+    model would build a cache of its own and the runner's would stay empty.
+    """
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    installed = Version(Version(transformers.__version__).base_version)
+    return "cache" if installed >= CACHE_ARGUMENT_SINCE else "past_key_values"
 
 
 def _text_config(model):
@@ -179,6 +207,7 @@ class ModelRunner:
         switches = self.linears is not None or self.gqa_attention
         self._switch_lock = model_lock(model) if switches else contextlib.nullcontext()
         self.compiled = bool(compile)
+        self.cache_argument = cache_argument(model)
 
     # ------------------------------------------------------------------ state
 
@@ -324,8 +353,8 @@ class ModelRunner:
                 input_ids=tokens,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{self.cache_argument: cache},
                 **kwargs,
             )
         return out.logits
