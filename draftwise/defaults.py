@@ -208,13 +208,15 @@ def layer_draft(target: nn.Module, num_layers: int | None = None, *,
 
     ``num_layers=k`` takes the first k layers; ``layers=[...]`` takes any of them, in order
     (e.g. the last k, or every n-th). The layers are copies; the embeddings, the final norm, the
-    rotary embedding and the LM head are the target's own modules, shared, not copied.
+    rotary embedding and the LM head hold the target's own weights (shared memory, not copied;
+    converting the draft leaves the target as it is).
     (:func:`draftwise.distill.build_draft` builds the same for training, with its own norm.)
     """
     from draftwise.distill.draft import build_draft
+    from draftwise.engine.draft_model import sharing_copy
 
     draft = build_draft(target, num_layers, layers=layers)
-    draft.get_decoder().norm = target.get_decoder().norm
+    draft.get_decoder().norm = sharing_copy(target.get_decoder().norm)
     return draft.train(target.training)
 
 

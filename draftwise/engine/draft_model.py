@@ -11,11 +11,18 @@ With a reduced vocabulary the draft predicts only ``vocab_ids`` (the most freque
 its logits are ``-inf`` elsewhere, so q = 0 there, which verification handles exactly (a token
 the draft cannot propose is simply never accepted from it, and the residual max(0, p - q) = p
 keeps the target's mass).
+
+Sharing is by memory, not by module: the draft's shared modules are its own copies holding the
+target's tensors (:func:`attach_shared`), so converting the draft (``draft.half()``,
+``draft.to(dtype)``) converts its copies and leaves the target as it was. A draft may run in
+another float dtype than its target (its probabilities are computed in float32); it must be on
+the target's device (:func:`check_draft_placement`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -166,10 +173,65 @@ def load_draft(folder: str | Path, target: nn.Module) -> nn.Module:
 
 
 def attach_shared(draft: nn.Module, target: nn.Module, info: dict) -> None:
-    """Point the draft's shared modules (``info['shared']``: names such as ``model.embed_tokens``,
-    ``lm_head``) at the target's."""
+    """Give the draft the target's shared modules (``info['shared']``: names such as
+    ``model.embed_tokens``, ``lm_head``) as copies that hold the target's tensors (no new memory;
+    see :func:`sharing_copy`)."""
     for name in info.get("shared", []):
         owner_name, _, attr = name.rpartition(".")
         owner_t = target.get_submodule(owner_name) if owner_name else target
         owner_d = draft.get_submodule(owner_name) if owner_name else draft
-        setattr(owner_d, attr, getattr(owner_t, attr))
+        setattr(owner_d, attr, sharing_copy(getattr(owner_t, attr)))
+
+
+def sharing_copy(module: nn.Module) -> nn.Module:
+    """A new module of ``module``'s class and settings (submodules copied the same way) whose
+    parameters and buffers are ``module``'s own tensors, all held as buffers.
+
+    Why buffers: ``nn.Module.to`` / ``half`` / ``cuda`` convert a parameter in place
+    (``param.data = converted``), so a parameter, or a module, shared with the target would be
+    converted for the target too; a buffer is replaced in its own module's dict only. A
+    conversion that changes nothing (same dtype and device) returns the tensor itself, so the
+    memory stays shared until the copy really changes dtype or device. The parameters come
+    detached: the copy never trains them.
+
+    A module that accelerate dispatches (``_hf_hook``: its weights are moved or loaded by the
+    hook) is returned as it is: its hook owns its placement.
+    """
+    if hasattr(module, "_hf_hook"):
+        return module
+    clone = copy.copy(module)
+    # copy.copy shares the module's dicts (parameters, buffers, submodules, hooks): one of each of its own
+    for key, value in vars(module).items():
+        if isinstance(value, (dict, set)):
+            object.__setattr__(clone, key, copy.copy(value))
+    clone._parameters.clear()
+    for name, child in module.named_children():
+        clone._modules[name] = sharing_copy(child)
+    for name, param in module._parameters.items():  # with the unset ones (a Linear's bias=None)
+        clone.register_buffer(name, None if param is None else param.detach())
+    return clone
+
+
+def _placement(model: nn.Module) -> torch.device:
+    """The device a runner of ``model`` works on (that of its first parameter, else buffer)."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    if tensor is None:
+        raise ValueError(f"{type(model).__name__} holds no tensors")
+    return tensor.device
+
+
+def check_draft_placement(target: nn.Module, draft_model: nn.Module, argument: str = "assistant_model") -> None:
+    """Refuse, before anything runs, a draft model that is not on its target's device.
+
+    The engine feeds the draft the tokens it keeps beside the target, so both must be on one
+    device; any float dtype works for the draft. ``argument`` names the draft in the message
+    (``"assistant_model"``, ``"drafts[1]"``, ...).
+    """
+    target_device, draft_device = _placement(target), _placement(draft_model)
+    if draft_device != target_device:
+        raise ValueError(
+            f"`{argument}`: the draft model is on {draft_device}, the target on {target_device}; a draft "
+            f"must be on its target's device: move it with `{argument}.to({str(target_device)!r})`"
+        )
