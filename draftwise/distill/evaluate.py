@@ -9,6 +9,10 @@ from typing import Sequence
 import torch
 
 MODES = {"greedy": dict(do_sample=False), "T=1": dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)}
+# Repeats of the same work whose times spread more than this, (slowest - fastest) / fastest, were
+# slowed by something else on the machine. On an idle 2-core CPU the demo's figures move by a few
+# percent between runs; beside a test run on the other core its runs took ~40 s instead of ~2.5 s.
+TIMING_SPREAD_LIMIT = 0.10
 
 
 def timed(fn):
@@ -16,6 +20,20 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def relative_spread(seconds: Sequence[float]) -> float:
+    """(slowest - fastest) / fastest of repeated timings of the same work (0 for one timing)."""
+    if not seconds or min(seconds) <= 0:
+        raise ValueError(f"seconds: expected positive timings, got {list(seconds)}")
+    return (max(seconds) - min(seconds)) / min(seconds)
+
+
+def unreliable_timings(repeats: dict[str, Sequence[float]], limit: float = TIMING_SPREAD_LIMIT) -> dict[str, float]:
+    """The relative spread of each entry of ``repeats`` (name -> seconds of each repeat of the
+    same work) whose spread exceeds ``limit``, in the order given."""
+    spreads = {name: relative_spread(seconds) for name, seconds in repeats.items()}
+    return {name: spread for name, spread in spreads.items() if spread > limit}
 
 
 def _new_tokens(sequences: torch.Tensor, width: int, pad: int | None) -> int:

@@ -19,12 +19,17 @@ from .sources import Item, Mixture, OnPolicySource, StaticSource, Teacher
 from .trainer import DistillConfig, DistillTrainer
 
 DATA_KINDS = ("fixed", "target", "on-policy")
+DRAFT_LAYERS = (0, 1)  # the target's layers a draft starts from
+ON_POLICY_TOKENS = 48  # tokens the draft samples per on-policy example
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """What :func:`prepare_data` builds. ``vocab_size``: the draft's reduced vocabulary (the most
-    frequent ids of the training text and prompts), or 0 for the full vocabulary."""
+    frequent ids of the training text and prompts), or 0 for the full vocabulary.
+    ``reads_fixed_corpus``: whether training reads the fixed corpus; only then does
+    :func:`prepare_data` run the teacher over it (minutes, hundreds of MB in the cache). Its
+    tokens count for the vocabulary either way, so both settings share one cache file."""
 
     train_prompts: int = 400
     corpus_texts: int = 300
@@ -38,9 +43,11 @@ class DataSpec:
     methods: bool = False  # training prompts also about class methods (many more distinct prompts)
     completions: bool = False  # also requests to write a documented function's body
     seed: int = 0
+    reads_fixed_corpus: bool = True
 
     def key(self) -> str:
         fields = dataclasses.asdict(self)
+        del fields["reads_fixed_corpus"]  # what is computed ahead, not what the data is
         if not self.completions:  # left out when off: data prepared without the field keeps its name
             del fields["completions"]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
@@ -68,15 +75,25 @@ def _special_ids(tokenizer) -> list[int]:
 def prepare_data(target, tokenizer, spec: DataSpec = DataSpec(), cache_dir: str | Path | None = None,
                  progress: bool = True) -> PreparedData:
     """Build (or load from ``cache_dir``) the fixed corpus, the target's greedy answers to the
-    training prompts and to held-out prompts, and the teacher's log-probs of all of them.
-    The target's answers record its log-probs while they are generated (no second pass)."""
+    training prompts and to held-out prompts, and the teacher's log-probs of all of them (of the
+    fixed corpus only when ``spec.reads_fixed_corpus``; else training computes them on first use,
+    if ever). The target's answers record its log-probs while they are generated (no second pass)."""
+    path = Path(cache_dir) / f"distill-data-{spec.key()}.pt" if cache_dir is not None else None
+    cached = _load_data(path)
+    data = cached if cached is not None else _answers_and_corpus(target, tokenizer, spec, progress)
+    missing_fixed_teacher = spec.reads_fixed_corpus and data.fixed_teacher is None
+    if missing_fixed_teacher:
+        data = dataclasses.replace(data, fixed_teacher=_fixed_corpus_teacher(target, data, spec, progress))
+    if path is not None and (cached is None or missing_fixed_teacher):
+        _save_data(data, path)
+    return data
+
+
+def _answers_and_corpus(target, tokenizer, spec: DataSpec, progress: bool) -> PreparedData:
+    """Everything :func:`prepare_data` builds except the teacher's log-probs of the fixed corpus."""
     from tqdm.auto import tqdm
 
-    path = Path(cache_dir) / f"distill-data-{spec.key()}.pt" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        return PreparedData(**torch.load(path, weights_only=False))
     vocab = target.get_input_embeddings().weight.shape[0]
-    eos = tokenizer.eos_token_id
     requests = training_requests(spec.train_prompts, spec.seed, spec.methods, spec.completions)
     prompts = chat_prompts(tokenizer, requests, spec.max_prompt_tokens)
     heldout_prompts = chat_prompts(tokenizer, heldout_requests(spec.heldout_source, spec.heldout_prompts, spec.seed),
@@ -86,25 +103,42 @@ def prepare_data(target, tokenizer, spec: DataSpec = DataSpec(), cache_dir: str 
     if spec.vocab_size:
         prompt_examples = [Example(p, 1) for p in prompts]
         vocab_ids = frequent_tokens([*fixed, *prompt_examples], spec.vocab_size, vocab, _special_ids(tokenizer))
-    with tqdm(total=len(prompts) + len(heldout_prompts) + len(fixed), desc="preparing distillation data",
+    with tqdm(total=len(prompts) + len(heldout_prompts), desc="preparing distillation data: the target's answers",
               unit="seq", disable=not progress) as bar:
-        common = dict(temperature=0.0, eos_token_id=eos, record_ids=vocab_ids if vocab_ids is not None else
-                      torch.arange(vocab), record_temperature=spec.teacher_temperature, progress=bar.update)
+        recorded = vocab_ids if vocab_ids is not None else torch.arange(vocab)
+        common = dict(temperature=0.0, eos_token_id=tokenizer.eos_token_id, record_ids=recorded,
+                      record_temperature=spec.teacher_temperature, progress=bar.update)
         answers, answers_teacher = sample_continuations(target, prompts, spec.max_new_tokens, **common)
         heldout, heldout_teacher = sample_continuations(target, heldout_prompts, spec.max_new_tokens, **common)
-        fixed_teacher = []
-        for first in range(0, len(fixed), 8):
-            chunk = fixed[first:first + 8]
-            fixed_teacher += teacher_log_probs(target, chunk, vocab_ids, temperature=spec.teacher_temperature)
+    return PreparedData(vocab_ids, prompts, fixed, None, answers, answers_teacher, heldout, heldout_teacher,
+                        heldout_prompts)
+
+
+def _fixed_corpus_teacher(target, data: PreparedData, spec: DataSpec, progress: bool) -> list[torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    teacher = []
+    with tqdm(total=len(data.fixed), desc="preparing distillation data: the fixed corpus", unit="seq",
+              disable=not progress) as bar:
+        for first in range(0, len(data.fixed), 8):
+            chunk = data.fixed[first:first + 8]
+            teacher += teacher_log_probs(target, chunk, data.vocab_ids, temperature=spec.teacher_temperature)
             bar.update(len(chunk))
-    data = PreparedData(vocab_ids, prompts, fixed, fixed_teacher, answers, answers_teacher, heldout,
-                        heldout_teacher, heldout_prompts)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}  # Examples stay Examples
-        torch.save(fields, path.with_suffix(".partial"))
-        path.with_suffix(".partial").replace(path)
-    return data
+    return teacher
+
+
+def _load_data(path: Path | None) -> PreparedData | None:
+    if path is None or not path.is_file():
+        return None
+    return PreparedData(**torch.load(path, weights_only=False))
+
+
+def _save_data(data: PreparedData, path: Path) -> None:
+    """Write ``path`` atomically (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}  # Examples stay Examples
+    torch.save(fields, path.with_suffix(".partial"))
+    path.with_suffix(".partial").replace(path)
 
 
 def with_corpus(data: PreparedData, tokenizer, spec: DataSpec, count: int, docs_share: float = 0.25) -> PreparedData:
@@ -147,9 +181,14 @@ def heldout_items(data: PreparedData) -> list[Item]:
     return [Item(e, t, "heldout") for e, t in zip(data.heldout, data.heldout_teacher)]
 
 
-def distill(target, tokenizer, data: PreparedData, output_dir: str | Path, *, layers=(0, 1),
+def reads_fixed_corpus(mix: dict[str, float], config: DistillConfig) -> bool:
+    """Whether training on ``mix`` with ``config`` reads the teacher's log-probs of the fixed corpus."""
+    return mix.get("fixed", 0) > 0 and config.needs_teacher
+
+
+def distill(target, tokenizer, data: PreparedData, output_dir: str | Path, *, layers=DRAFT_LAYERS,
             fresh: bool = False, init: str | Path | None = None, mix: dict[str, float] | None = None,
-            config: DistillConfig = DistillConfig(), on_policy_tokens: int = 48, resume: bool = True,
+            config: DistillConfig = DistillConfig(), on_policy_tokens: int = ON_POLICY_TOKENS, resume: bool = True,
             progress: bool = True) -> DistillTrainer:
     """Build a draft from ``target``'s ``layers`` on the data's vocabulary (or start from the saved
     draft ``init``) and train it; the draft lands in ``output_dir/draft``."""
