@@ -7,8 +7,8 @@ from .kernels import Lenience, Uniforms, VerifyOutput, verify_chain
 
 __version__ = "0.1.0"
 
-_ENGINE = ("LookupThenModelDrafter", "ModelDrafter", "PromptLookupDrafter", "SpecStats", "SpeculativeEngine", "generate",
-           "load_draft")
+_ENGINE = ("LookupThenModelDrafter", "ModelDrafter", "PromptLookupDrafter", "SpecStats", "SpeculativeEngine",
+           "UnsupportedSetting", "generate", "load_draft")
 _DEFAULTS = ("load_default",)
 
 __all__ = ["Lenience", "Uniforms", "VerifyOutput", "__version__", "verify_chain", *_ENGINE, *_DEFAULTS]

@@ -20,10 +20,10 @@ def pair(request):
     return request.param, tiny_model(request.param, layers=2, seed=0), tiny_model(request.param, layers=1, seed=1)
 
 
-def _prompts(batch: int, width: int = 7, seed: int = 0):
-    """Left-padded prompts of different lengths (row b loses b tokens to padding)."""
+def _prompts(batch: int, width: int = 7, seed: int = 0, high: int = 100):
+    """Left-padded prompts of different lengths (row b loses b tokens to padding), ids in [3, high)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 100, (batch, width), generator=g)
+    ids = torch.randint(3, high, (batch, width), generator=g)
     mask = torch.ones_like(ids)
     for row in range(batch):
         mask[row, : min(row, width - 1)] = 0

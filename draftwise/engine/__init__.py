@@ -4,6 +4,7 @@ from .draft_model import load_draft
 from .drafters import Draft, LookupThenModelDrafter, ModelDrafter, PromptLookupDrafter
 from .generate import SpeculativeEngine, SpeculativeOutput, generate
 from .models import ModelRunner
+from .settings import UnsupportedSetting
 from .speculate import GammaSchedule
 from .stats import SpecStats
 
@@ -17,6 +18,7 @@ __all__ = [
     "SpecStats",
     "SpeculativeEngine",
     "SpeculativeOutput",
+    "UnsupportedSetting",
     "generate",
     "load_draft",
 ]

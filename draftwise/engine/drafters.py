@@ -76,6 +76,9 @@ class ModelDrafter:
         drafting = torch.ones_like(counts, dtype=torch.bool)  # rows still drafting
         for i in range(gamma):
             logits_i = self._fit_vocab(last)
+            if sampling.processing is not None:  # the law the token is drawn from: processed as the target's
+                drafted = torch.stack(tokens, 1) if tokens else counts.new_empty(len(counts), 0)
+                logits_i = sampling.processing(buffer, drafted, logits_i.unsqueeze(1), first=i)[:, 0]
             token, q = sampling.draw(logits_i)
             if self.confidence_threshold > 0:
                 token = torch.where(drafting, token, PAD_TOKEN)

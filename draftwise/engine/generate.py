@@ -13,25 +13,16 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from draftwise.kernels import Lenience, get_implementation, resolve_backend
 from draftwise.kernels.spec import LenienceKind
 
-from .draft_model import load_draft
+from .draft_model import check_draft_placement, load_draft
 from .drafters import LookupThenModelDrafter, ModelDrafter, PromptLookupDrafter
 from .models import ModelRunner
+from .processing import ScoreProcessing
 from .sampling import Sampling
 from .sequence import TokenBuffer
-from .speculate import Decoder, GammaSchedule, StopCriteria
+from .settings import GenerationSettings, expand_for_sequences, resolve_settings
+from .speculate import Decoder, GammaSchedule, ScoreRecord, StopCriteria
 from .stats import SpecStats
 
-# Hugging Face's defaults for what neither the call nor the model's generation config sets.
-HF_DEFAULTS = dict(max_length=20, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
-                   assistant_confidence_threshold=0.4)
-SUPPORTED = (
-    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
-    "num_assistant_tokens", "num_assistant_tokens_schedule", "prompt_lookup_num_tokens",
-    "max_matching_ngram_size", "assistant_confidence_threshold", "eos_token_id", "pad_token_id", "seed",
-    "streamer", "stop_strings",
-    "tokenizer", "return_dict_in_generate", "use_cache", "generation_config",
-    "lenience",  # draftwise's own: DistillSpec's lossy acceptance
-)
 DEFAULT_GAMMA = 3
 MAX_GAMMA = 12
 
@@ -99,7 +90,10 @@ class SpeculativeEngine:
         self.drafters = [_as_drafter(d, f"draft{i}" if len(drafts) > 1 else "draft") for i, d in enumerate(drafts)]
         # Drafters built here from bare models take each call's assistant_confidence_threshold.
         self.owned = [isinstance(d, torch.nn.Module) for d in drafts]
-        for drafter in self.drafters:
+        for i, drafter in enumerate(self.drafters):
+            if drafter.draft_model is not None:
+                argument = "assistant_model" if len(self.drafters) == 1 else f"drafts[{i}]"
+                check_draft_placement(target, drafter.draft_model, argument=argument)
             _check_vocabulary(target, drafter, tokenizer)
         if len({d.name for d in self.drafters}) != len(self.drafters):
             raise ValueError("drafts: every drafter needs its own name")
@@ -116,17 +110,23 @@ class SpeculativeEngine:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """See :func:`draftwise.generate`."""
-        options = _resolve(self.target, kwargs)
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask, self.device)
+        options = _resolve(self.target, kwargs, input_ids.shape[1], self.device)
+        settings: GenerationSettings = options["settings"]
+        prompts, prompt_mask = input_ids, attention_mask
+        input_ids, attention_mask = expand_for_sequences(input_ids, attention_mask, settings.num_return_sequences)
         batch, width = input_ids.shape
-        max_new = options["max_new_tokens"]
+        max_new = settings.max_new_tokens
         gamma_max = max(options["gamma"], MAX_GAMMA)
         capacity = width + max_new + gamma_max + 2
         buffer = TokenBuffer.from_prompt(input_ids, attention_mask, capacity)
-        sampling = Sampling.build(batch, self.device, do_sample=options["do_sample"],
-                                  temperature=options["temperature"], top_k=options["top_k"],
-                                  top_p=options["top_p"], seed=options["seed"])
-        eos = options["eos_token_id"]
+        processors = settings.processors(self.target, attention_mask)
+        config = settings.config
+        sampling = Sampling.build(batch, self.device, do_sample=settings.do_sample,
+                                  temperature=float(config.temperature), top_k=int(config.top_k or 0),
+                                  top_p=float(config.top_p), seed=options["seed"],
+                                  processing=None if processors is None else ScoreProcessing(processors, input_ids))
+        eos = settings.eos_token_ids
         stop = StopCriteria(
             max_new_tokens=max_new,
             eos_token_ids=None if eos is None else torch.tensor(eos, device=self.device).view(-1),
@@ -142,21 +142,28 @@ class SpeculativeEngine:
         if streamer is not None:
             if batch != 1:
                 raise ValueError(f"streamer: streaming needs a batch of 1, got {batch} rows")
-            streamer.put(input_ids.cpu())
+            streamer.put(prompts.cpu())
+        record = None
+        if settings.output_scores or settings.output_logits:
+            record = ScoreRecord(batch, scores=settings.output_scores, logits=settings.output_logits)
         decoder = Decoder(
             target=self._runner(batch, capacity), drafters=drafters, schedules=schedules,
             verify=self.verify, sampling=sampling, stop=stop, stats=stats, streamer=streamer,
-            measure_accept_probs=options["return_dict_in_generate"],
-            lenience_kind=options["lenience_kind"], lenience_epsilon=options["lenience_epsilon"],
+            measure_accept_probs=settings.return_dict_in_generate,
+            lenience_kind=options["lenience_kind"], lenience_epsilon=options["lenience_epsilon"], record=record,
         )
         with torch.inference_mode():
             generated = decoder.run(buffer, attention_mask)
         if streamer is not None:
             streamer.end()
-        sequences = _assemble(input_ids, generated, options["pad_token_id"])
-        if options["return_dict_in_generate"]:
-            return SpeculativeOutput(sequences=sequences, spec_stats=stats)
-        return sequences
+        sequences = _assemble(input_ids, generated, settings.pad_token_id)
+        if not settings.return_dict_in_generate:
+            return sequences
+        return SpeculativeOutput(
+            sequences=sequences, spec_stats=stats,
+            scores=None if record is None else record.steps("scores"),
+            logits=None if record is None else record.steps("logits"),
+        )
 
 
 def _check_inputs(input_ids, attention_mask, device):
@@ -191,41 +198,17 @@ def _lenience(value) -> tuple[LenienceKind, float]:
     return value.code, float(value.epsilon)
 
 
-def _resolve(model, kwargs: dict) -> dict:
-    """HF-style options: the call's value, else the model's generation config, else HF's default."""
-    unknown = sorted(set(kwargs) - set(SUPPORTED))
-    if unknown:
-        raise TypeError(f"generate: unsupported argument(s) {', '.join(unknown)}; supported: {', '.join(SUPPORTED)}")
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-
-    def pick(name):
-        if kwargs.get(name) is not None:
-            return kwargs[name]
-        value = getattr(config, name, None) if config is not None else None
-        return value if value is not None else HF_DEFAULTS.get(name)
-
-    max_new = kwargs.get("max_new_tokens")
-    if max_new is None and kwargs.get("max_length") is None and getattr(config, "max_new_tokens", None):
-        max_new = config.max_new_tokens
-    if max_new is None:
-        raise ValueError("max_new_tokens: expected a positive int (max_length counting the prompt is not supported)")
-    if not isinstance(max_new, int) or max_new < 1:
-        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new!r}")
-    do_sample = bool(pick("do_sample"))
-    temperature = float(pick("temperature"))
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
-    top_p = float(pick("top_p"))
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
-    top_k = int(pick("top_k") or 0)
-    if top_k < 0:
-        raise ValueError(f"top_k: expected >= 0, got {top_k}")
-    eos = pick("eos_token_id")
-    pad = pick("pad_token_id")
-    if pad is None:
-        pad = eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 0)
-
+def _resolve(model, kwargs: dict, prompt_width: int, device) -> dict:
+    """The call's options: Hugging Face's generation settings (see :mod:`.settings`) plus the
+    engine's own (draft length and schedule, prompt lookup, seed, lenience, streaming)."""
+    kwargs = dict(kwargs)
+    own = {name: kwargs.pop(name, None) for name in ("seed", "lenience", "streamer", "tokenizer")}
+    settings = resolve_settings(model, kwargs, prompt_width, device)
+    config = settings.config
+    if config.temperature is not None and config.temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {config.temperature}")
+    if settings.do_sample and config.temperature == 0:  # temperature 0 samples greedily
+        config.do_sample = settings.do_sample = False
     gamma = kwargs.get("num_assistant_tokens")
     schedule = kwargs.get("num_assistant_tokens_schedule") or ("constant" if gamma is not None else "adaptive")
     extra = []
@@ -235,24 +218,21 @@ def _resolve(model, kwargs: dict) -> dict:
     gamma = DEFAULT_GAMMA if gamma is None else gamma
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"num_assistant_tokens: expected a positive int, got {gamma!r}")
-    threshold = float(pick("assistant_confidence_threshold"))
+    threshold = float(config.assistant_confidence_threshold)
     if not 0 <= threshold < 1:
         raise ValueError(f"assistant_confidence_threshold: expected a value in [0, 1), got {threshold}")
-    seed = kwargs.get("seed")
+    seed = own["seed"]
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    stop_strings = kwargs.get("stop_strings") or ()
+    stop_strings = config.stop_strings or ()
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)
-    if stop_strings and kwargs.get("tokenizer") is None:
+    if stop_strings and own["tokenizer"] is None:
         raise ValueError("stop_strings: pass tokenizer= as well, to decode the generated tokens")
-    lenience_kind, lenience_epsilon = _lenience(kwargs.get("lenience"))
+    lenience_kind, lenience_epsilon = _lenience(own["lenience"])
     return dict(
-        max_new_tokens=max_new, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos, pad_token_id=pad, gamma=gamma, schedule=schedule, extra_drafters=extra,
-        confidence_threshold=threshold,
-        seed=seed, streamer=kwargs.get("streamer"), stop_strings=tuple(stop_strings),
-        tokenizer=kwargs.get("tokenizer"), return_dict_in_generate=bool(kwargs.get("return_dict_in_generate")),
+        settings=settings, gamma=gamma, schedule=schedule, extra_drafters=extra, confidence_threshold=threshold,
+        seed=seed, streamer=own["streamer"], stop_strings=tuple(stop_strings), tokenizer=own["tokenizer"],
         lenience_kind=lenience_kind, lenience_epsilon=lenience_epsilon,
     )
 
@@ -273,16 +253,26 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     """Speculative ``model.generate``: the target's own output, faster.
 
     Replace ``model.generate(**inputs, assistant_model=draft, ...)`` with
-    ``draftwise.generate(model, **inputs, assistant_model=draft, ...)``. Supported arguments keep
-    Hugging Face's names and meaning: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
-    ``top_p``, ``num_assistant_tokens`` (fixed draft length; default: adaptive, from the measured
-    acceptance and costs), ``num_assistant_tokens_schedule`` ("constant", "heuristic",
-    "adaptive"), ``assistant_confidence_threshold`` (a draft model stops drafting a row at a token
-    it is less sure of; default 0.4 as in Hugging Face), ``prompt_lookup_num_tokens``,
-    ``max_matching_ngram_size``, ``eos_token_id``, ``pad_token_id``, ``streamer``, ``stop_strings``
-    + ``tokenizer``, ``return_dict_in_generate`` (adds ``spec_stats``). ``drafts=[...]`` takes
-    several draft models or drafters. Batches of any size with left-padded prompts are supported.
-    Any other argument raises a ``TypeError`` that names it.
+    ``draftwise.generate(model, **inputs, assistant_model=draft, ...)``. Settings are resolved as
+    Hugging Face resolves them (the call's arguments, then ``generation_config=``, then the model's
+    ``generation_config``, then Hugging Face's defaults), and each one that differs from Hugging
+    Face's default is reproduced exactly or refused with an ``UnsupportedSetting`` (both a
+    ``TypeError`` and a ``ValueError``) naming it; see :mod:`draftwise.engine.settings` for the
+    lists. Reproduced: lengths and stops (``max_new_tokens``, ``max_length``, ``min_new_tokens``,
+    ``min_length``, ``eos_token_id``, ``pad_token_id``, ``stop_strings`` + ``tokenizer``),
+    sampling (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p`` …),
+    Hugging Face's logits processors (``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``bad_words_ids``, ``sequence_bias``, ``suppress_tokens`` …) and your own
+    (``logits_processor=[...]``, row-wise), each run on every verified position with the ids
+    ``model.generate`` would have had there; ``num_return_sequences`` (sampled),
+    ``output_scores`` / ``output_logits`` and ``return_dict_in_generate`` (adds ``spec_stats``)
+    with Hugging Face's shapes. The speculative schedule: ``num_assistant_tokens`` (fixed draft
+    length; default: adaptive, from the measured acceptance and costs),
+    ``num_assistant_tokens_schedule`` ("constant", "heuristic", "adaptive"),
+    ``assistant_confidence_threshold`` (a draft model stops drafting a row at a token it is less
+    sure of; default 0.4 as in Hugging Face), ``prompt_lookup_num_tokens``,
+    ``max_matching_ngram_size``; and ``streamer``. ``drafts=[...]`` takes several draft models or
+    drafters. Batches of any size with left-padded prompts are supported.
 
     ``compile`` (draftwise's own, default False) runs the target's decode and verification
     forwards through ``torch.compile``: faster steps after a one-time compile, done with a

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
 from draftwise.kernels.reference import sanitize_logits, target_probs
+
+from .processing import ScoreProcessing
 
 # Odd 64-bit constant (the golden ratio): spreads a row's step counter over the seed's bits.
 _STEP_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
@@ -27,12 +30,18 @@ class Sampling:
     generator: torch.Generator
     all_greedy: bool  # known on the host once, so that greedy runs skip every distribution
     filtered: bool  # some row uses top-k or top-p (known once: no host sync per draft token)
+    # Hugging Face processors applied to every position before sampling or verifying; with them
+    # the processed scores already hold temperature, top-k and top-p, so those are neutral here.
+    processing: Optional[ScoreProcessing] = None
 
     @classmethod
     def build(cls, batch: int, device, *, do_sample: bool, temperature: float, top_k: int | None,
-              top_p: float | None, seed: int) -> Sampling:
+              top_p: float | None, seed: int, processing: ScoreProcessing | None = None) -> Sampling:
         def rows(value, dtype):
             return torch.full((batch,), value, dtype=dtype, device=device)
+
+        if processing is not None and do_sample and temperature != 0:
+            temperature, top_k, top_p = 1.0, 0, 1.0
 
         generator = torch.Generator(device=device)
         generator.manual_seed(seed ^ 0x5DEECE66D)
@@ -44,6 +53,7 @@ class Sampling:
             generator=generator,
             all_greedy=not do_sample or temperature == 0,
             filtered=bool(top_k) or (top_p is not None and top_p < 1),
+            processing=processing,
         )
 
     @property
@@ -73,3 +83,5 @@ class Sampling:
     def select_rows(self, rows: torch.Tensor) -> None:
         self.temperature, self.top_k = self.temperature[rows], self.top_k[rows]
         self.top_p, self.seeds = self.top_p[rows], self.seeds[rows]
+        if self.processing is not None:
+            self.processing.select_rows(rows)

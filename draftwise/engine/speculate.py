@@ -151,6 +151,33 @@ class DraftPicker:
         return choice
 
 
+class ScoreRecord:
+    """Each row's logits and processed scores at every emitted position (``output_logits`` /
+    ``output_scores``), assembled into Hugging Face's per-step tuples at the end."""
+
+    def __init__(self, batch: int, scores: bool, logits: bool):
+        self.want_scores, self.want_logits = scores, logits
+        self.scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        self.logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+
+    def add(self, rows: torch.Tensor, counts: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor) -> None:
+        for row, original, count in zip(range(len(rows)), rows.tolist(), counts.tolist()):
+            if self.want_scores:
+                self.scores[original].append(scores[row, :count].float())
+            if self.want_logits:
+                self.logits[original].append(logits[row, :count].float())
+
+    def steps(self, which: str) -> tuple[torch.Tensor, ...] | None:
+        """``(step_0 [B, V], step_1, ...)`` as Hugging Face returns them; a row that has ended
+        holds zeros in the steps after its last token (Hugging Face pads it with its pad token)."""
+        if not getattr(self, f"want_{which}"):
+            return None
+        per_row = [torch.cat(chunks) for chunks in getattr(self, which)]
+        steps = max(len(r) for r in per_row)
+        padded = [torch.nn.functional.pad(r, (0, 0, 0, steps - len(r))) for r in per_row]
+        return tuple(torch.stack(padded, 0).unbind(1))
+
+
 class _Timer:
     """Wall-clock sections; synchronises CUDA first so that times are real."""
 
@@ -183,6 +210,7 @@ class Decoder:
     measure_accept_probs: bool = False
     lenience_kind: LenienceKind = LenienceKind.NONE  # lossy acceptance f(p, epsilon); NONE: exact
     lenience_epsilon: float = 1.0
+    record: Optional["ScoreRecord"] = None  # output_scores / output_logits
 
     def run(self, buffer: TokenBuffer, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         start = time.perf_counter()
@@ -213,8 +241,9 @@ class Decoder:
                 drafter.start(buffer, attention_mask, self.target.vocab_size)
         no_drafts = torch.empty(len(self.rows), 0, dtype=torch.int64, device=prompt.device)
         with self.timer(times):
-            out = self.verify(self._chain_inputs(no_drafts, None, logits, accept_probs=False))
-        self._commit(buffer, out)
+            scores = self._scores(buffer, no_drafts, logits)
+            out = self.verify(self._chain_inputs(no_drafts, None, scores, accept_probs=False))
+        self._commit(buffer, out, logits, scores)
         self.stats.time_target += times[0]
         self.stats.time_draft += times[1]
         self.stats.time_verify += times[2]
@@ -233,8 +262,9 @@ class Decoder:
             last = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1))
             logits = self.target.extend(torch.cat([last, draft.tokens.clamp(min=0)], 1))
         with self.timer(times):  # verify
-            out = self.verify(self._chain_inputs(draft.tokens, draft.probs, logits, self.measure_accept_probs))
-        emitted = self._commit(buffer, out)  # accept + commit
+            scores = self._scores(buffer, draft.tokens, logits)
+            out = self.verify(self._chain_inputs(draft.tokens, draft.probs, scores, self.measure_accept_probs))
+        emitted = self._commit(buffer, out, logits, scores)  # accept + commit
         records = [stats] + ([stats.per_draft[self.drafters[choice].name]] if stats.per_draft else [])
         for record in records:
             drafted, accepted = record.record_step(draft.tokens, out.num_accepted, emitted, out.accept_probs)
@@ -253,11 +283,19 @@ class Decoder:
             seeds=s.step_seeds(self.produced), uniforms=None, return_accept_probs=accept_probs,
         )
 
-    def _commit(self, buffer: TokenBuffer, out: VerifyOutput) -> torch.Tensor:
+    def _scores(self, buffer: TokenBuffer, proposals: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The target's logits, processed per position when the call has logits processors."""
+        processing = self.sampling.processing
+        return logits if processing is None else processing(buffer, proposals, logits)
+
+    def _commit(self, buffer: TokenBuffer, out: VerifyOutput, logits: torch.Tensor,
+                scores: torch.Tensor) -> torch.Tensor:
         """Append the emitted tokens (cut at stops), roll every cache back to what was committed,
         and retire finished rows. Returns the number of tokens each row emitted."""
         before = buffer.lengths.clone()
         counts, finished = self.stop.cut(buffer, out.output_tokens, out.num_accepted + 1, self.produced)
+        if self.record is not None:
+            self.record.add(self.rows, counts, logits, scores)
         buffer.append(out.output_tokens, counts)
         self.produced += counts
         self.stats.new_tokens += int(counts.sum())
