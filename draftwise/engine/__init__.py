@@ -5,12 +5,17 @@ from .drafters import Draft, LookupThenModelDrafter, ModelDrafter, PromptLookupD
 from .generate import SpeculativeEngine, SpeculativeOutput, generate
 from .models import ModelRunner
 from .settings import UnsupportedSetting
-from .speculate import GammaSchedule
+from .policy import NO_DRAFT, AdaptivePolicy, DraftPolicy, FixedPolicy, StepChoice, StepTrace
 from .stats import SpecStats
 
 __all__ = [
     "Draft",
-    "GammaSchedule",
+    "NO_DRAFT",
+    "AdaptivePolicy",
+    "DraftPolicy",
+    "FixedPolicy",
+    "StepChoice",
+    "StepTrace",
     "LookupThenModelDrafter",
     "ModelDrafter",
     "ModelRunner",

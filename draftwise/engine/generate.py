@@ -20,7 +20,8 @@ from .processing import ScoreProcessing
 from .sampling import Sampling
 from .sequence import TokenBuffer
 from .settings import GenerationSettings, expand_for_sequences, resolve_settings
-from .speculate import Decoder, GammaSchedule, ScoreRecord, StopCriteria
+from .policy import AdaptivePolicy, DraftPolicy
+from .speculate import Decoder, ScoreRecord, StopCriteria
 from .stats import SpecStats
 
 DEFAULT_GAMMA = 3
@@ -136,7 +137,7 @@ class SpeculativeEngine:
             if owned:
                 drafter.confidence_threshold = options["confidence_threshold"]
         drafters = list(self.drafters) + options["extra_drafters"]
-        schedules = [GammaSchedule(options["schedule"], options["gamma"], gamma_max) for _ in drafters]
+        policy = options["selector"] or AdaptivePolicy(options["schedule"], options["gamma"], gamma_max)
         stats = SpecStats()
         streamer = options["streamer"]
         if streamer is not None:
@@ -147,7 +148,7 @@ class SpeculativeEngine:
         if settings.output_scores or settings.output_logits:
             record = ScoreRecord(batch, scores=settings.output_scores, logits=settings.output_logits)
         decoder = Decoder(
-            target=self._runner(batch, capacity), drafters=drafters, schedules=schedules,
+            target=self._runner(batch, capacity), drafters=drafters, policy=policy, max_draft=gamma_max,
             verify=self.verify, sampling=sampling, stop=stop, stats=stats, streamer=streamer,
             measure_accept_probs=settings.return_dict_in_generate,
             lenience_kind=options["lenience_kind"], lenience_epsilon=options["lenience_epsilon"], record=record,
@@ -202,7 +203,9 @@ def _resolve(model, kwargs: dict, prompt_width: int, device) -> dict:
     """The call's options: Hugging Face's generation settings (see :mod:`.settings`) plus the
     engine's own (draft length and schedule, prompt lookup, seed, lenience, streaming)."""
     kwargs = dict(kwargs)
-    own = {name: kwargs.pop(name, None) for name in ("seed", "lenience", "streamer", "tokenizer")}
+    own = {name: kwargs.pop(name, None) for name in ("seed", "lenience", "streamer", "tokenizer", "selector")}
+    if own["selector"] is not None and not isinstance(own["selector"], DraftPolicy):
+        raise TypeError(f"selector: expected a draftwise DraftPolicy, got {type(own['selector']).__name__}")
     settings = resolve_settings(model, kwargs, prompt_width, device)
     config = settings.config
     if config.temperature is not None and config.temperature < 0:
@@ -231,7 +234,8 @@ def _resolve(model, kwargs: dict, prompt_width: int, device) -> dict:
         raise ValueError("stop_strings: pass tokenizer= as well, to decode the generated tokens")
     lenience_kind, lenience_epsilon = _lenience(own["lenience"])
     return dict(
-        settings=settings, gamma=gamma, schedule=schedule, extra_drafters=extra, confidence_threshold=threshold,
+        settings=settings, gamma=gamma, schedule=schedule, selector=own["selector"], extra_drafters=extra,
+        confidence_threshold=threshold,
         seed=seed, streamer=own["streamer"], stop_strings=tuple(stop_strings), tokenizer=own["tokenizer"],
         lenience_kind=lenience_kind, lenience_epsilon=lenience_epsilon,
     )
@@ -273,6 +277,13 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     sure of; default 0.4 as in Hugging Face), ``prompt_lookup_num_tokens``,
     ``max_matching_ngram_size``; and ``streamer``. ``drafts=[...]`` takes several draft models or
     drafters. Batches of any size with left-padded prompts are supported.
+
+    ``selector`` (draftwise's own) is the :class:`~draftwise.engine.policy.DraftPolicy` that picks
+    each row's drafter (or none) and γ before every step. The default,
+    :class:`~draftwise.engine.policy.AdaptivePolicy`, takes per row the arm with the best expected
+    tokens per second from the row's measured acceptance and the measured costs; with the
+    adaptive schedule, decoding without drafts is an arm, so a draft that does not pay on a text
+    stops costing time there (and is tried again now and then).
 
     ``compile`` (draftwise's own, default False) runs the target's decode and verification
     forwards through ``torch.compile``: faster steps after a one-time compile, done with a

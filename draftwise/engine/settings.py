@@ -51,7 +51,8 @@ NO_OUTPUT_EFFECT = frozenset({
 NEUTRAL = {"guidance_scale": 1.0, "penalty_alpha": 0.0}
 METADATA = frozenset({"transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash"})
 # Arguments of draftwise.generate that are not generation-config fields.
-CALL_ARGUMENTS = frozenset({"generation_config", "logits_processor", "streamer", "tokenizer", "seed", "lenience"})
+CALL_ARGUMENTS = frozenset({"generation_config", "logits_processor", "streamer", "tokenizer", "seed", "lenience",
+                            "selector"})
 # Warpers the verification kernel applies itself (fused, no per-position pass).
 KERNEL_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 

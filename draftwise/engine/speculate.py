@@ -14,77 +14,17 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from draftwise.kernels import PAD_TOKEN
 from draftwise.kernels.spec import ChainInputs, LenienceKind, VerifyOutput
 
 from .drafters import Draft
 from .models import ModelRunner
+from .policy import NO_DRAFT, DraftPolicy, StepChoice, StepTrace
 from .sampling import Sampling
 from .sequence import TokenBuffer
 from .stats import SpecStats
 
 VerifyImpl = Callable[[ChainInputs], VerifyOutput]
-
-
-class GammaSchedule:
-    """How many tokens to draft next.
-
-    constant: always ``initial``. heuristic (Hugging Face's): +2 after a step where every row
-    accepted everything, else -1. adaptive: the gamma in [1, maximum] that maximises the expected
-    tokens per second, ``(1 - a**(g+1)) / (1 - a) / (g * t_draft + t_target(g))``, from running
-    averages of the acceptance a and the draft time per token, and a line fitted through the
-    target's measured time per call at each gamma used (until two gammas are measured, each
-    verified token is assumed to add ``PRIOR_SLOPE`` of a call); it moves one step at a time
-    towards that optimum.
-    """
-
-    PRIOR_SLOPE = 0.1  # extra target time per verified token, as a fraction of one decode step
-
-    def __init__(self, kind: str = "adaptive", initial: int = 4, maximum: int = 12):
-        if kind not in ("constant", "heuristic", "adaptive"):
-            raise ValueError(f"num_assistant_tokens_schedule: expected 'constant', 'heuristic' or 'adaptive', got {kind!r}")
-        if not 1 <= initial <= maximum:
-            raise ValueError(f"num_assistant_tokens: expected 1 <= value <= {maximum}, got {initial}")
-        self.kind, self.gamma, self.maximum = kind, initial, maximum
-        self.alpha = self.time_draft = None  # running averages
-        self.time_target: dict[int, float] = {}  # gamma -> running average of one target call
-
-    def update(self, drafted: int, accepted: int, time_draft: float, time_target: float) -> None:
-        if drafted == 0:
-            return
-        average = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
-        self.alpha = average(self.alpha, accepted / drafted)
-        self.time_draft = average(self.time_draft, time_draft / drafted)
-        self.time_target[self.gamma] = average(self.time_target.get(self.gamma), time_target)
-        if self.kind == "heuristic":
-            self.gamma = min(self.maximum, self.gamma + 2) if accepted == drafted else max(1, self.gamma - 1)
-        elif self.kind == "adaptive":
-            best = max(range(1, self.maximum + 1), key=self.expected_rate)
-            self.gamma += (best > self.gamma) - (best < self.gamma)
-
-    def target_time(self, gamma: int) -> float:
-        """The fitted time of one target call that verifies ``gamma`` drafts."""
-        points = list(self.time_target.items())
-        if len(points) >= 2:
-            n = len(points)
-            mean_g = sum(g for g, _ in points) / n
-            mean_t = sum(t for _, t in points) / n
-            spread = sum((g - mean_g) ** 2 for g, _ in points)
-            slope = max(0.0, sum((g - mean_g) * (t - mean_t) for g, t in points) / spread)
-            return mean_t + slope * (gamma - mean_g)
-        g0, t0 = points[0]
-        step = t0 / (1 + self.PRIOR_SLOPE * g0)
-        return step * (1 + self.PRIOR_SLOPE * gamma)
-
-    def expected_tokens(self, gamma: int) -> float:
-        a = min(self.alpha, 0.999)
-        return (1 - a ** (gamma + 1)) / (1 - a)
-
-    def expected_rate(self, gamma: int | None = None) -> float:
-        """Expected tokens per second at ``gamma`` (the current one by default)."""
-        gamma = self.gamma if gamma is None else gamma
-        if self.alpha is None:
-            return float("inf")  # not measured yet: worth trying
-        return self.expected_tokens(gamma) / (gamma * self.time_draft + self.target_time(gamma))
 
 
 @dataclasses.dataclass
@@ -127,28 +67,6 @@ class StopCriteria:
                     counts[row], finished[row] = c, True
                     break
         return torch.tensor(counts, device=emitted.device), torch.tensor(finished, device=emitted.device)
-
-
-class DraftPicker:
-    """Which drafter drafts the next step: each is tried twice, then the one with the best expected
-    tokens per second wins, with the others retried every ``explore_every`` steps."""
-
-    def __init__(self, drafters: Sequence, schedules: Sequence[GammaSchedule], explore_every: int = 16):
-        self.drafters, self.schedules, self.explore_every = list(drafters), list(schedules), explore_every
-        self.uses = [0] * len(self.drafters)
-        self.step = 0
-
-    def pick(self) -> int:
-        self.step += 1
-        untried = [i for i, n in enumerate(self.uses) if n < 2]
-        if untried:
-            choice = untried[0]
-        elif self.step % self.explore_every == 0:
-            choice = min(range(len(self.uses)), key=self.uses.__getitem__)
-        else:
-            choice = max(range(len(self.uses)), key=lambda i: self.schedules[i].expected_rate())
-        self.uses[choice] += 1
-        return choice
 
 
 class ScoreRecord:
@@ -200,12 +118,13 @@ class Decoder:
     """One generation over a batch; ``run`` returns each row's generated tokens."""
 
     target: ModelRunner
-    drafters: Sequence  # ModelDrafter / PromptLookupDrafter
-    schedules: Sequence[GammaSchedule]
+    drafters: Sequence  # ModelDrafter / PromptLookupDrafter / LookupThenModelDrafter
+    policy: DraftPolicy  # each step: every row's drafter (or none) and draft length
     verify: VerifyImpl
     sampling: Sampling
     stop: StopCriteria
     stats: SpecStats
+    max_draft: int = 12  # no row drafts more (the caches' room past the longest output)
     streamer: object = None
     measure_accept_probs: bool = False
     lenience_kind: LenienceKind = LenienceKind.NONE  # lossy acceptance f(p, epsilon); NONE: exact
@@ -219,14 +138,13 @@ class Decoder:
         self.rows = torch.arange(len(buffer.lengths), device=device)  # original row ids of the batch
         self.produced = torch.zeros_like(buffer.lengths)
         self.results: dict[int, torch.Tensor] = {}
-        picker = DraftPicker(self.drafters, self.schedules) if self.drafters else None
+        self.policy.start(len(self.drafters), len(self.rows))
         for name in {d.name for d in self.drafters} if len(self.drafters) > 1 else ():
             self.stats.per_draft[name] = SpecStats()
 
         self._prefill(buffer, attention_mask)
         while len(self.rows) > 0:
-            choice = picker.pick() if picker else None
-            self._step(buffer, choice)
+            self._step(buffer)
         self.stats.time_total = time.perf_counter() - start
         return [self.results[i] for i in range(len(self.results))]
 
@@ -243,36 +161,71 @@ class Decoder:
         with self.timer(times):
             scores = self._scores(buffer, no_drafts, logits)
             out = self.verify(self._chain_inputs(no_drafts, None, scores, accept_probs=False))
-        self._commit(buffer, out, logits, scores)
+        _, finished = self._commit(buffer, out, logits, scores)
+        self._retire(buffer, finished)
         self.stats.time_target += times[0]
         self.stats.time_draft += times[1]
         self.stats.time_verify += times[2]
 
-    def _step(self, buffer: TokenBuffer, choice: int | None) -> None:
-        stats = self.stats
+    def _step(self, buffer: TokenBuffer) -> None:
+        choice = self.policy.choose()
         times: list[float] = []
-        with self.timer(times):  # draft
-            if choice is None:
-                draft = Draft(torch.empty(len(self.rows), 0, dtype=torch.int64, device=buffer.tokens.device), None)
-            else:
-                schedule = self.schedules[choice]
-                # a drafter may propose more than gamma (copies are free), never past the cache's room
-                draft = self.drafters[choice].propose(buffer, schedule.gamma, self.sampling).truncated(schedule.maximum)
+        with self.timer(times):
+            draft, draft_seconds = self._draft(buffer, choice)
         with self.timer(times):  # target: the last emitted token, then the drafts
             last = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1))
             logits = self.target.extend(torch.cat([last, draft.tokens.clamp(min=0)], 1))
         with self.timer(times):  # verify
             scores = self._scores(buffer, draft.tokens, logits)
             out = self.verify(self._chain_inputs(draft.tokens, draft.probs, scores, self.measure_accept_probs))
-        emitted = self._commit(buffer, out, logits, scores)  # accept + commit
-        records = [stats] + ([stats.per_draft[self.drafters[choice].name]] if stats.per_draft else [])
-        for record in records:
-            drafted, accepted = record.record_step(draft.tokens, out.num_accepted, emitted, out.accept_probs)
-            record.time_draft += times[0]
-            record.time_target += times[1]
-            record.time_verify += times[2]
-        if choice is not None:
-            self.schedules[choice].update(drafted, accepted, time_draft=times[0], time_target=times[1])
+        emitted, finished = self._commit(buffer, out, logits, scores)  # accept + commit
+        self._record(choice, draft, out, emitted, draft_seconds, times)
+        self._retire(buffer, finished)
+
+    def _draft(self, buffer: TokenBuffer, choice: StepChoice) -> tuple[Draft, dict[int, float]]:
+        """Each chosen drafter drafts (all rows; the rows that chose it keep its proposals, cut
+        at their own γ); the proposals merge into one ragged block. Returns it and each
+        drafter's seconds."""
+        rows_of: dict[int, list[int]] = {}
+        for row, arm in enumerate(choice.drafter):
+            if arm != NO_DRAFT:
+                rows_of.setdefault(arm, []).append(row)
+        parts, seconds = [], {}
+        for arm, rows in rows_of.items():
+            gamma = max(choice.gamma[r] for r in rows)
+            times: list[float] = []
+            with self.timer(times):
+                # a drafter may propose more than gamma (copies are free), never past the cache's room
+                draft = self.drafters[arm].propose(buffer, gamma, self.sampling).truncated(self.max_draft)
+            seconds[arm] = times[0]
+            parts.append((rows, gamma, draft))
+        return merge_drafts(parts, choice.gamma, len(choice.drafter), self.target.vocab_size,
+                            buffer.tokens.device), seconds
+
+    def _record(self, choice: StepChoice, draft: Draft, out: VerifyOutput, emitted: torch.Tensor,
+                draft_seconds: dict[int, float], times: list[float]) -> None:
+        """Counters of the step (in total and per drafter), its trace, and what the policy learns."""
+        stats = self.stats
+        drafted_rows = (draft.tokens >= 0).sum(1)
+        drafted, accepted, counts = torch.stack([drafted_rows, out.num_accepted, emitted]).tolist()
+        trace = StepTrace(rows=self.rows.tolist(), drafter=list(choice.drafter), drafted=drafted, accepted=accepted,
+                          emitted=counts, draft_seconds=draft_seconds, target_seconds=times[1],
+                          width=draft.tokens.shape[1] + 1)
+        stats.trace.append(trace)
+        stats.record_step(draft.tokens, out.num_accepted, emitted, out.accept_probs)
+        stats.time_draft += times[0]
+        stats.time_target += times[1]
+        stats.time_verify += times[2]
+        if stats.per_draft:
+            for arm, seconds in draft_seconds.items():
+                rows = torch.tensor([r for r, a in enumerate(choice.drafter) if a == arm], device=emitted.device)
+                record = stats.per_draft[self.drafters[arm].name]
+                record.record_step(draft.tokens[rows], out.num_accepted[rows], emitted[rows],
+                                   None if out.accept_probs is None else out.accept_probs[rows])
+                record.time_draft += seconds
+                record.time_target += times[1]
+                record.time_verify += times[2]
+        self.policy.observe(trace)
 
     def _chain_inputs(self, tokens, probs, logits, accept_probs: bool) -> ChainInputs:
         s = self.sampling
@@ -289,9 +242,9 @@ class Decoder:
         return logits if processing is None else processing(buffer, proposals, logits)
 
     def _commit(self, buffer: TokenBuffer, out: VerifyOutput, logits: torch.Tensor,
-                scores: torch.Tensor) -> torch.Tensor:
-        """Append the emitted tokens (cut at stops), roll every cache back to what was committed,
-        and retire finished rows. Returns the number of tokens each row emitted."""
+                scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the emitted tokens (cut at stops) and roll every cache back to what was
+        committed. Returns the number of tokens each row emitted and which rows finished."""
         before = buffer.lengths.clone()
         counts, finished = self.stop.cut(buffer, out.output_tokens, out.num_accepted + 1, self.produced)
         if self.record is not None:
@@ -306,8 +259,7 @@ class Decoder:
         self.target.rollback(torch.minimum(self.target.lengths, valid))
         for drafter in self.drafters:
             drafter.rollback(valid)
-        self._retire(buffer, finished)
-        return counts
+        return counts, finished
 
     def _retire(self, buffer: TokenBuffer, finished: torch.Tensor) -> None:
         """Finished rows leave the batch, so they cost no more work."""
@@ -326,3 +278,35 @@ class Decoder:
         for drafter in self.drafters:
             drafter.select_rows(keep)
         self.sampling.select_rows(keep)
+        self.policy.select_rows(keep.tolist())
+
+
+def merge_drafts(parts: list[tuple[list[int], int, Draft]], gammas: list[int], batch: int, vocab: int,
+                 device) -> Draft:
+    """One ``Draft`` for the batch from each drafter's ``(rows, gamma, draft)``: row r keeps its
+    drafter's proposals up to its own γ (plus what the drafter proposes past gamma for free, such
+    as copied tokens); rows no drafter serves propose nothing. Laws: one-hot where a drafter gave
+    none, when another gave one."""
+    if len(parts) == 1 and len(parts[0][0]) == batch and len(set(gammas)) == 1:
+        return parts[0][2]  # the usual step: one drafter, every row, one γ
+    width = max((d.tokens.shape[1] for _, _, d in parts), default=0)
+    tokens = torch.full((batch, width), PAD_TOKEN, dtype=torch.int64, device=device)
+    with_laws = any(d.probs is not None for _, _, d in parts)
+    probs = torch.zeros(batch, width, vocab, device=device) if with_laws else None
+    columns = torch.arange(width, device=device)
+    for rows, gamma, draft in parts:
+        index = torch.tensor(rows, device=device)
+        own = draft.tokens[index]
+        extra = own.shape[1] - gamma  # proposals past gamma: kept for every row of this drafter
+        limit = torch.tensor([gammas[r] for r in rows], device=device).view(-1, 1) + extra
+        own = torch.where(columns[: own.shape[1]] < limit, own, PAD_TOKEN)
+        tokens[index, : own.shape[1]] = own
+        if with_laws:
+            law = draft.probs[index] if draft.probs is not None else _one_hot(own, vocab)
+            probs[index, : own.shape[1]] = law.to(probs.dtype)
+    return Draft(tokens, probs)
+
+
+def _one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    law = torch.nn.functional.one_hot(tokens.clamp(min=0), vocab).float()
+    return law * (tokens >= 0).unsqueeze(-1)

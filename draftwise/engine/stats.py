@@ -31,6 +31,8 @@ class SpecStats:
     time_verify: float = 0.0
     time_total: float = 0.0
     gammas: list[int] = dataclasses.field(default_factory=list)  # draft length of every step
+    # every step's StepTrace (per row: drafter, drafted, accepted, emitted); in the total only
+    trace: list = dataclasses.field(default_factory=list, repr=False)
     per_draft: dict[str, "SpecStats"] = dataclasses.field(default_factory=dict)
 
     @property
@@ -92,7 +94,8 @@ class SpecStats:
 
     def as_dict(self) -> dict:
         """Every counter and derived figure, JSON-ready."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "per_draft"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("per_draft", "trace")}
+        out["trace"] = [dataclasses.asdict(step) for step in self.trace]
         out.update(alpha=self.alpha, tau=self.tau, analytic_alpha=self.analytic_alpha,
                    acceptance_per_position=self.acceptance_per_position,
                    tokens_per_second=self.tokens_per_second, time_other=self.time_other)

@@ -1,0 +1,271 @@
+"""Who drafts each row's next step, and how many tokens.
+
+Before every verification step the decoder asks its :class:`DraftPolicy` for a
+:class:`StepChoice`: for each row of the batch, the index of the drafter that drafts it, or
+``NO_DRAFT`` (the row decodes with the target alone this step), and the row's draft length γ.
+Rows of one batch may use different drafters in the same step; one target forward verifies them
+all. After the step the policy observes a :class:`StepTrace` (per row: drafter, drafted,
+accepted, emitted; per drafter: its time; the target's time and width).
+
+:class:`AdaptivePolicy` is the default. It keeps, per row and drafter, a running acceptance
+rate, and, for the batch, a :class:`CostModel` of measured times; each step every row takes the
+arm with the best expected tokens per second, where not drafting is an arm too. A row that has
+stopped drafting tries its best drafter again after a pause that doubles each time the try
+loses, so a change in the text is noticed. Only the choice of drafts follows the measurements;
+the output does not depend on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+NO_DRAFT = -1  # the arm "decode with the target alone"
+SCHEDULES = ("constant", "heuristic", "adaptive")
+
+
+@dataclasses.dataclass
+class StepChoice:
+    """One step's plan, per row of the batch as it is now."""
+
+    drafter: list[int]  # index into the drafters, or NO_DRAFT
+    gamma: list[int]  # draft length (0 with NO_DRAFT)
+
+
+@dataclasses.dataclass
+class StepTrace:
+    """What one verification step did. Per-row lists follow the batch's current rows; ``rows``
+    holds their positions in the original batch."""
+
+    rows: list[int]
+    drafter: list[int]
+    drafted: list[int]
+    accepted: list[int]
+    emitted: list[int]
+    draft_seconds: dict[int, float]  # drafter index -> seconds spent drafting its rows
+    target_seconds: float  # the verification forward
+    width: int  # tokens per row in that forward (1 + the longest draft)
+
+
+class CostModel:
+    """Measured costs: the target's time per call as a line in the number of drafted tokens it
+    verifies, and each drafter's time per drafted token (running averages).
+
+    Until two widths are measured, each verified draft token is assumed to add ``PRIOR_SLOPE`` of
+    a plain decode step."""
+
+    PRIOR_SLOPE = 0.1
+    DECAY = 0.8  # weight of the old value in a running average
+
+    def __init__(self):
+        self.target: dict[int, float] = {}  # drafted tokens per row -> seconds per call
+        self.draft: dict[int, float] = {}  # drafter -> seconds per drafted token
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else self.DECAY * old + (1 - self.DECAY) * new
+
+    def observe(self, trace: StepTrace) -> None:
+        gamma = trace.width - 1
+        self.target[gamma] = self._average(self.target.get(gamma), trace.target_seconds)
+        for index, seconds in trace.draft_seconds.items():
+            tokens = max((d for d, i in zip(trace.drafted, trace.drafter) if i == index), default=0)
+            if tokens:
+                self.draft[index] = self._average(self.draft.get(index), seconds / tokens)
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.target)
+
+    def target_time(self, gamma: int) -> float:
+        """The fitted time of one target call verifying ``gamma`` drafted tokens per row."""
+        points = list(self.target.items())
+        if len(points) >= 2:
+            n = len(points)
+            mean_g = sum(g for g, _ in points) / n
+            mean_t = sum(t for _, t in points) / n
+            spread = sum((g - mean_g) ** 2 for g, _ in points)
+            slope = max(0.0, sum((g - mean_g) * (t - mean_t) for g, t in points) / spread)
+            return max(1e-9, mean_t + slope * (gamma - mean_g))
+        g0, t0 = points[0]
+        step = t0 / (1 + self.PRIOR_SLOPE * g0)
+        return step * (1 + self.PRIOR_SLOPE * gamma)
+
+    def draft_time(self, drafter: int) -> float:
+        return self.draft.get(drafter, 0.0)
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Tokens emitted by a step that drafts ``gamma`` with per-token acceptance ``alpha``."""
+    a = min(alpha, 0.999)
+    return (1 - a ** (gamma + 1)) / (1 - a)
+
+
+class DraftPolicy:
+    """The seam: subclasses decide, each step, every row's drafter and γ."""
+
+    def start(self, num_drafters: int, batch: int) -> None:
+        self.num_drafters, self.batch = num_drafters, batch
+
+    def choose(self) -> StepChoice:
+        raise NotImplementedError
+
+    def observe(self, trace: StepTrace) -> None:
+        pass
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (positions in the current batch), in that order."""
+
+    def check_pool(self, names: Sequence[str]) -> None:
+        """Raise ``ValueError`` if this policy cannot choose among drafters of these names."""
+
+
+class FixedPolicy(DraftPolicy):
+    """Every row, every step: drafter ``arm`` (``NO_DRAFT`` for the target alone) with a fixed γ."""
+
+    def __init__(self, arm: int, gamma: int = 4):
+        if arm != NO_DRAFT and arm < 0:
+            raise ValueError(f"arm: expected a drafter index >= 0 or NO_DRAFT ({NO_DRAFT}), got {arm}")
+        if gamma < 1:
+            raise ValueError(f"gamma: expected a positive int, got {gamma}")
+        self.arm, self.fixed_gamma = arm, gamma
+
+    def start(self, num_drafters: int, batch: int) -> None:
+        if self.arm >= num_drafters:
+            raise ValueError(f"arm: drafter {self.arm} asked for, but there are {num_drafters} drafters")
+        super().start(num_drafters, batch)
+
+    def choose(self) -> StepChoice:
+        gamma = 0 if self.arm == NO_DRAFT else self.fixed_gamma
+        return StepChoice([self.arm] * self.batch, [gamma] * self.batch)
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        self.batch = len(rows)
+
+
+@dataclasses.dataclass
+class _RowArm:
+    """What one row knows about one drafter: its γ, and decayed counts of drafted and accepted
+    tokens. The acceptance estimate is their ratio under a weak prior (half an accepted and half
+    a rejected pseudo-token, Jeffreys'), so that one unlucky step does not switch a drafter off,
+    while a drafter that keeps failing is estimated near its true rate."""
+
+    gamma: int
+    drafted: float = 0.0
+    accepted: float = 0.0
+
+    DECAY = 0.9  # weight of the older counts at each new step (about the last 10 steps count)
+
+    @property
+    def alpha(self) -> float | None:
+        """The estimated acceptance rate; None before the row has drafted with this drafter."""
+        return None if self.drafted == 0 else (self.accepted + 0.5) / (self.drafted + 1)
+
+    def count(self, drafted: int, accepted: int) -> None:
+        self.drafted = self.DECAY * self.drafted + drafted
+        self.accepted = self.DECAY * self.accepted + accepted
+
+
+@dataclasses.dataclass
+class _Row:
+    arms: list[_RowArm]
+    undrafted_steps: int = 0  # steps since the row last drafted
+    pause: int = 4  # steps without drafts before the next try
+    trying: bool = False  # this step is a try after a pause
+
+
+class AdaptivePolicy(DraftPolicy):
+    """The default policy: per row, the arm (a drafter at its γ, or no draft) with the best
+    expected tokens per second, from the row's own acceptance (decayed counts with a weak prior)
+    and the measured costs.
+
+    ``schedule`` sets how γ moves per row and drafter: "adaptive" (towards the γ in [1, maximum]
+    that maximises the expected rate, one step at a time; not drafting is allowed), "heuristic"
+    (Hugging Face's: +2 after a step where the row accepted everything, else -1) or "constant"
+    (``initial`` always). With "heuristic" and "constant" a row always drafts (the call fixed the
+    draft length); the drafter is still chosen by rate when there are several. ``no_draft=False``
+    keeps every row drafting with the adaptive schedule too.
+    """
+
+    FIRST_PAUSE, LONGEST_PAUSE = 4, 64  # steps a row waits before it tries drafting again
+
+    def __init__(self, schedule: str = "adaptive", initial: int = 4, maximum: int = 12, no_draft: bool = True):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"num_assistant_tokens_schedule: expected one of {', '.join(map(repr, SCHEDULES))}, "
+                             f"got {schedule!r}")
+        if not 1 <= initial <= maximum:
+            raise ValueError(f"num_assistant_tokens: expected 1 <= value <= {maximum}, got {initial}")
+        self.schedule, self.initial, self.maximum = schedule, initial, maximum
+        self.no_draft = no_draft and schedule == "adaptive"
+        self.costs = CostModel()
+
+    def start(self, num_drafters: int, batch: int) -> None:
+        super().start(num_drafters, batch)
+        self.rows = [_Row([_RowArm(self.initial) for _ in range(num_drafters)]) for _ in range(batch)]
+
+    # ------------------------------------------------------------------ choosing
+
+    def choose(self) -> StepChoice:
+        choice = StepChoice([], [])
+        for row in self.rows:
+            arm = self._choose_row(row) if self.num_drafters else NO_DRAFT
+            choice.drafter.append(arm)
+            choice.gamma.append(0 if arm == NO_DRAFT else row.arms[arm].gamma)
+        return choice
+
+    def _choose_row(self, row: _Row) -> int:
+        untried = [i for i, arm in enumerate(row.arms) if arm.alpha is None]
+        if untried:
+            return untried[0]
+        best = max(range(len(row.arms)), key=lambda i: self.rate(i, row.arms[i].alpha, row.arms[i].gamma))
+        row.trying = False
+        if not self.no_draft or not self.costs.measured:
+            return best
+        if self.rate(best, row.arms[best].alpha, row.arms[best].gamma) > self.rate(NO_DRAFT):
+            return best
+        if row.undrafted_steps >= row.pause:  # the text may have changed: try again
+            row.trying = True
+            return best
+        return NO_DRAFT
+
+    def rate(self, arm: int, alpha: float | None = None, gamma: int = 0) -> float:
+        """Expected tokens per second of one row on ``arm`` (``NO_DRAFT``: one token per plain
+        decode step)."""
+        if arm == NO_DRAFT:
+            return 1.0 / self.costs.target_time(0)
+        if alpha is None or not self.costs.measured:
+            return float("inf")  # not measured yet: worth trying
+        return expected_tokens(alpha, gamma) / (gamma * self.costs.draft_time(arm) + self.costs.target_time(gamma))
+
+    # ------------------------------------------------------------------ learning
+
+    def observe(self, trace: StepTrace) -> None:
+        self.costs.observe(trace)
+        for row, arm, drafted, accepted in zip(self.rows, trace.drafter, trace.drafted, trace.accepted):
+            if arm == NO_DRAFT:
+                row.undrafted_steps += 1
+                continue
+            if drafted:
+                self._learn(row.arms[arm], arm, drafted, accepted)
+            self._after_drafting(row, arm)
+
+    def _learn(self, state: _RowArm, arm: int, drafted: int, accepted: int) -> None:
+        state.count(drafted, accepted)
+        if self.schedule == "heuristic":
+            state.gamma = min(self.maximum, state.gamma + 2) if accepted == drafted else max(1, state.gamma - 1)
+        elif self.schedule == "adaptive":
+            best = max(range(1, self.maximum + 1), key=lambda g: self.rate(arm, state.alpha, g))
+            state.gamma += (best > state.gamma) - (best < state.gamma)
+
+    def _after_drafting(self, row: _Row, arm: int) -> None:
+        """A try that still loses doubles the next pause; a winning arm resets it."""
+        state = row.arms[arm]
+        if row.trying and self.rate(arm, state.alpha, state.gamma) <= self.rate(NO_DRAFT):
+            row.pause = min(self.LONGEST_PAUSE, 2 * row.pause)
+        elif not row.trying:
+            row.pause = self.FIRST_PAUSE
+        row.undrafted_steps = 0
+        row.trying = False
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        self.rows = [self.rows[i] for i in rows]
+        self.batch = len(self.rows)

@@ -1,0 +1,165 @@
+"""Tier 4: the draft policy seam. Rows of one batch may use different drafters, or none, in the
+same step; the output stays the target's own (greedy: token for token; sampled: its law)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import draftwise
+from draftwise.engine import NO_DRAFT, AdaptivePolicy, DraftPolicy, FixedPolicy, PromptLookupDrafter, StepChoice
+from draftwise.engine.policy import CostModel, StepTrace
+
+from test_distribution import ALPHA, chi_square
+from test_engine_generate import PAD, _first_two_token_law, _prompts
+from tiny_models import tiny_model
+
+
+class ScriptedPolicy(DraftPolicy):
+    """Row r at step s takes arm ``arms[(r + s) % len(arms)]`` with γ ``1 + (r + s) % 4``: every
+    mix of drafters and draft lengths inside one batch."""
+
+    def __init__(self, arms):
+        self.arms, self.step = list(arms), 0
+        self.original_rows = None
+
+    def start(self, num_drafters, batch):
+        super().start(num_drafters, batch)
+        self.original_rows, self.step = list(range(batch)), 0
+
+    def choose(self):
+        self.step += 1
+        picks = [self.arms[(r + self.step) % len(self.arms)] for r in self.original_rows]
+        gammas = [0 if a == NO_DRAFT else 1 + (r + self.step) % 4 for a, r in zip(picks, self.original_rows)]
+        return StepChoice(picks, gammas)
+
+    def select_rows(self, rows):
+        self.original_rows = [self.original_rows[i] for i in rows]
+        self.batch = len(rows)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_model("llama", seed=0), tiny_model("llama", layers=1, seed=1)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_rows_with_different_drafters_give_the_target_greedy_output(models, batch):
+    target, draft = models
+    ids, mask = _prompts(batch)
+    want = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
+                           max_new_tokens=24, eos_token_id=None)
+    policy = ScriptedPolicy([0, 1, NO_DRAFT, 2])
+    out = draftwise.generate(target, ids, mask, drafts=[draft, PromptLookupDrafter(), target], selector=policy,
+                             do_sample=False, pad_token_id=PAD, max_new_tokens=24, eos_token_id=None,
+                             return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want)
+    used = {arm for step in out.spec_stats.trace for arm in step.drafter}
+    assert used == {0, 1, 2, NO_DRAFT}
+    if batch > 1:
+        assert any(len(set(step.drafter)) > 1 for step in out.spec_stats.trace), "rows mixed drafters in a step"
+
+
+@pytest.mark.parametrize("arm", [0, 1])
+def test_a_policy_that_always_picks_one_arm_equals_that_arm_alone(models, arm):
+    target, draft = models
+    ids, mask = _prompts(3)
+    drafters = [draft, PromptLookupDrafter()]
+    common = dict(do_sample=False, pad_token_id=PAD, max_new_tokens=20, eos_token_id=None,
+                  num_assistant_tokens=3, return_dict_in_generate=True)
+    alone = draftwise.generate(target, ids, mask, assistant_model=drafters[arm], **common)
+    chosen = draftwise.generate(target, ids, mask, drafts=drafters, selector=FixedPolicy(arm, gamma=3), **common)
+    assert torch.equal(alone.sequences, chosen.sequences)
+    assert (alone.spec_stats.drafted, alone.spec_stats.accepted, alone.spec_stats.target_calls) == (
+        chosen.spec_stats.drafted, chosen.spec_stats.accepted, chosen.spec_stats.target_calls)
+
+
+def test_no_draft_arm_is_plain_decoding(models):
+    target, draft = models
+    ids, mask = _prompts(2)
+    out = draftwise.generate(target, ids, mask, assistant_model=draft, selector=FixedPolicy(NO_DRAFT),
+                             do_sample=False, pad_token_id=PAD, max_new_tokens=10, eos_token_id=None,
+                             return_dict_in_generate=True)
+    stats = out.spec_stats
+    assert stats.drafted == 0 and stats.target_calls == 9 and stats.tau == 1.0  # the prefill emits the first
+
+
+def test_sampled_law_with_rows_on_different_drafters():
+    """A 20k-row batch, every row on its own mix of a sampled draft model, prompt lookup and no
+    draft: the joint law of the first two tokens is the target's."""
+    target = tiny_model("llama", layers=2, vocab=16, seed=0)
+    target.generation_config.eos_token_id = None
+    draft = tiny_model("llama", layers=1, vocab=16, seed=3)
+    prompt = torch.tensor([[3, 7, 5, 3, 7]])
+    trials = 20_000
+    law = _first_two_token_law(target, prompt, 0.8)
+    out = draftwise.generate(target, prompt.repeat(trials, 1), drafts=[draft, PromptLookupDrafter()],
+                             selector=ScriptedPolicy([0, 1, NO_DRAFT]), max_new_tokens=2, do_sample=True,
+                             temperature=0.8, top_k=0, seed=5, pad_token_id=0, return_dict_in_generate=True)
+    pairs = out.sequences[:, -2] * 16 + out.sequences[:, -1]
+    fit = chi_square(torch.bincount(pairs, minlength=256), law.flatten())
+    assert fit.pvalue > ALPHA, f"joint law of the first two tokens: {fit}"
+    assert 0 < out.spec_stats.alpha < 1
+
+
+def _trace(drafter, drafted, accepted, draft_seconds, target_seconds, width):
+    n = len(drafter)
+    return StepTrace(rows=list(range(n)), drafter=drafter, drafted=drafted, accepted=accepted,
+                     emitted=[a + 1 for a in accepted], draft_seconds=draft_seconds,
+                     target_seconds=target_seconds, width=width)
+
+
+def test_adaptive_policy_stops_drafting_a_row_that_loses_and_tries_again():
+    """Row 0's draft is always accepted, row 1's never: row 1 stops drafting, row 0 goes on, and
+    row 1 tries again after a pause that doubles while it keeps losing."""
+    policy = AdaptivePolicy("adaptive", initial=3, maximum=8)
+    policy.start(1, 2)
+    choices = []
+    for _ in range(100):
+        choice = policy.choose()
+        choices.append(choice)
+        gamma = max(choice.gamma)
+        drafted = [g for g in choice.gamma]
+        accepted = [drafted[0], 0]
+        policy.observe(_trace(choice.drafter, drafted, accepted, {0: 0.002 * gamma} if gamma else {},
+                              0.040 + 0.008 * gamma, gamma + 1))
+    row0 = [c.drafter[0] for c in choices]
+    row1 = [c.drafter[1] for c in choices]
+    assert all(arm == 0 for arm in row0)
+    assert row1[0] == 0 and row1.count(NO_DRAFT) > 80
+    tries = [i for i, arm in enumerate(row1) if arm == 0 and i > 0]
+    assert len(tries) >= 3
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0], f"the pause grows: {gaps}"
+    assert choices[-1].gamma[0] > 3, "the winning row's γ grows"
+
+
+def test_adaptive_policy_constant_schedule_always_drafts():
+    policy = AdaptivePolicy("constant", initial=4)
+    policy.start(1, 1)
+    for _ in range(10):
+        choice = policy.choose()
+        assert choice.drafter == [0] and choice.gamma == [4]
+        policy.observe(_trace(choice.drafter, [4], [0], {0: 0.01}, 0.05, 5))
+
+
+def test_cost_model_fits_the_target_time_per_width():
+    costs = CostModel()
+    for gamma, seconds in [(0, 0.04), (4, 0.06), (2, 0.05)]:
+        costs.observe(_trace([NO_DRAFT if gamma == 0 else 0], [gamma], [0], {0: 0.004 * gamma} if gamma else {},
+                             seconds, gamma + 1))
+    assert costs.target_time(0) == pytest.approx(0.04)
+    assert costs.target_time(8) == pytest.approx(0.08)
+    assert costs.draft_time(0) == pytest.approx(0.004)
+
+
+def test_bad_selector_and_schedule_are_named(models):
+    target, draft = models
+    ids, mask = _prompts(1)
+    with pytest.raises(TypeError, match="selector"):
+        draftwise.generate(target, ids, mask, assistant_model=draft, max_new_tokens=4, selector="fastest")
+    with pytest.raises(ValueError, match="num_assistant_tokens_schedule"):
+        draftwise.generate(target, ids, mask, assistant_model=draft, max_new_tokens=4,
+                           num_assistant_tokens_schedule="greedy")
+    with pytest.raises(ValueError, match="arm"):
+        draftwise.generate(target, ids, mask, assistant_model=draft, max_new_tokens=4, selector=FixedPolicy(3))
