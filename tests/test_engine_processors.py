@@ -204,7 +204,7 @@ def _sampled_fit(trials: int = 12_000):
     target.generation_config.eos_token_id = None
     draft = tiny_model("llama", layers=1, vocab=vocab, seed=3)
     prompt = torch.tensor([[3, 7, 5, 3]])
-    settings = dict(do_sample=True, temperature=0.9, top_k=0, repetition_penalty=3.0, no_repeat_ngram_size=2)
+    settings = dict(do_sample=True, temperature=0.9, top_k=0, min_p=0.05, repetition_penalty=3.0, no_repeat_ngram_size=2)
     processors = target._get_logits_processor(GenerationConfig(**settings), input_ids_seq_length=prompt.shape[1])
     law = _processed_law(target, prompt, processors, 3)
     out = draftwise.generate(target, prompt.repeat(trials, 1), assistant_model=draft, num_assistant_tokens=3,
