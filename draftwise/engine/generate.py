@@ -114,7 +114,7 @@ class SpeculativeEngine:
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask, self.device)
         options = _resolve(self.target, kwargs, input_ids.shape[1], self.device)
         settings: GenerationSettings = options["settings"]
-        prompts, prompt_mask = input_ids, attention_mask
+        prompts = input_ids
         input_ids, attention_mask = expand_for_sequences(input_ids, attention_mask, settings.num_return_sequences)
         batch, width = input_ids.shape
         max_new = settings.max_new_tokens
