@@ -207,8 +207,9 @@ class Decoder:
         """Counters of the step (in total and per drafter), its trace, and what the policy learns."""
         stats = self.stats
         drafted_rows = (draft.tokens >= 0).sum(1)
-        drafted, accepted, counts = torch.stack([drafted_rows, out.num_accepted, emitted]).tolist()
-        trace = StepTrace(rows=self.rows.tolist(), drafter=list(choice.drafter), drafted=drafted, accepted=accepted,
+        per_row = torch.stack([self.rows, drafted_rows, out.num_accepted, emitted]).long()
+        rows, drafted, accepted, counts = per_row.tolist()  # one host transfer
+        trace = StepTrace(rows=rows, drafter=list(choice.drafter), drafted=drafted, accepted=accepted,
                           emitted=counts, draft_seconds=draft_seconds, target_seconds=times[1],
                           width=draft.tokens.shape[1] + 1)
         stats.trace.append(trace)
