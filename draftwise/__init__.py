@@ -7,9 +7,9 @@ from .kernels import Lenience, Uniforms, VerifyOutput, verify_chain
 
 __version__ = "0.1.0"
 
-_ENGINE = ("LookupThenModelDrafter", "ModelDrafter", "PromptLookupDrafter", "SpecStats", "SpeculativeEngine",
-           "UnsupportedSetting", "generate", "load_draft")
-_DEFAULTS = ("load_default",)
+_ENGINE = ("LookupThenModelDrafter", "ModelDrafter", "OfflinePolicy", "OnlinePolicy", "PromptLookupDrafter",
+           "Selector", "SpecStats", "SpeculativeEngine", "UnsupportedSetting", "generate", "load_draft")
+_DEFAULTS = ("load_default", "load_pool")
 
 __all__ = ["Lenience", "Uniforms", "VerifyOutput", "__version__", "verify_chain", *_ENGINE, *_DEFAULTS]
 

@@ -23,8 +23,8 @@ class ScriptedPolicy(DraftPolicy):
         self.arms, self.step = list(arms), 0
         self.original_rows = None
 
-    def start(self, num_drafters, batch):
-        super().start(num_drafters, batch)
+    def start(self, num_drafters, batch, context=None):
+        super().start(num_drafters, batch, context)
         self.original_rows, self.step = list(range(batch)), 0
 
     def choose(self):
@@ -157,6 +157,8 @@ def test_bad_selector_and_schedule_are_named(models):
     target, draft = models
     ids, mask = _prompts(1)
     with pytest.raises(TypeError, match="selector"):
+        draftwise.generate(target, ids, mask, assistant_model=draft, max_new_tokens=4, selector=3)
+    with pytest.raises(FileNotFoundError, match="selector: fastest is not a selector folder"):
         draftwise.generate(target, ids, mask, assistant_model=draft, max_new_tokens=4, selector="fastest")
     with pytest.raises(ValueError, match="num_assistant_tokens_schedule"):
         draftwise.generate(target, ids, mask, assistant_model=draft, max_new_tokens=4,

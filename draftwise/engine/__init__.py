@@ -5,7 +5,8 @@ from .drafters import Draft, LookupThenModelDrafter, ModelDrafter, PromptLookupD
 from .generate import SpeculativeEngine, SpeculativeOutput, generate
 from .models import ModelRunner
 from .settings import UnsupportedSetting
-from .policy import NO_DRAFT, AdaptivePolicy, DraftPolicy, FixedPolicy, StepChoice, StepTrace
+from .policy import NO_DRAFT, AdaptivePolicy, DraftPolicy, FixedPolicy, PolicyContext, StepChoice, StepTrace
+from .selector import OfflinePolicy, OnlinePolicy, Selector
 from .stats import SpecStats
 
 __all__ = [
@@ -14,6 +15,10 @@ __all__ = [
     "AdaptivePolicy",
     "DraftPolicy",
     "FixedPolicy",
+    "OfflinePolicy",
+    "OnlinePolicy",
+    "PolicyContext",
+    "Selector",
     "StepChoice",
     "StepTrace",
     "LookupThenModelDrafter",

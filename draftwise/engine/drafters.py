@@ -53,6 +53,7 @@ class ModelDrafter:
         self.confidence_threshold = confidence_threshold
         self.runner: ModelRunner | None = None
         self.vocab: int | None = None  # the target's logits width
+        self.unread = None  # (prompts, attention mask) not read yet
 
     @property
     def draft_model(self):
@@ -60,15 +61,23 @@ class ModelDrafter:
         return self.model
 
     def start(self, buffer: TokenBuffer, attention_mask: torch.Tensor, vocab: int) -> None:
+        """Get ready for a batch. The prompts are read when the drafter is first used, so a
+        drafter of a pool that no row takes costs nothing."""
         batch = buffer.tokens.shape[0]
         if self.runner is None or self.runner.cache.capacity < buffer.capacity or self.runner.batch_size != batch:
             self.runner = ModelRunner(self.model, batch_size=batch, capacity=buffer.capacity)
         self.runner.reset()
         self.vocab = vocab
-        prompt = buffer.tokens[:, : buffer.prompt_length].clamp(min=0)
-        self.runner.prefill(prompt, attention_mask, last_only=True)
+        self.unread = (buffer.tokens[:, : buffer.prompt_length].clamp(min=0), attention_mask)
+
+    def _read_prompts(self) -> None:
+        if self.unread is not None:
+            prompt, attention_mask = self.unread
+            self.unread = None
+            self.runner.prefill(prompt, attention_mask, last_only=True)
 
     def propose(self, buffer: TokenBuffer, gamma: int, sampling: Sampling) -> Draft:
+        self._read_prompts()
         unseen, counts = buffer.tail(self.runner.lengths)
         logits = self.runner.extend(unseen.clamp(min=0), num_valid=counts)
         last = logits[torch.arange(len(counts), device=counts.device), counts - 1]
@@ -90,6 +99,25 @@ class ModelDrafter:
             last = self.runner.extend(token.clamp(min=0).view(-1, 1))[:, 0]
         return Draft(torch.stack(tokens, 1), None if probs[0] is None else torch.stack(probs, 1))
 
+    def score(self, buffer: TokenBuffer) -> tuple[list[int], list[int]]:
+        """Read the committed tokens this drafter has not seen, but the last (its next draft
+        starts there), and count per row how many of them its greedy prediction got right:
+        ``(read, matched)``. Its cache then holds them, so this costs its next draft nothing."""
+        self._read_prompts()
+        since = self.runner.lengths
+        block, counts = buffer.tail(since)
+        reads = (counts - 1).clamp(min=0)
+        if block.shape[1] < 2:
+            zeros = [0] * len(counts)
+            return zeros, list(zeros)
+        logits = self.runner.extend(block[:, :-1].clamp(min=0), num_valid=reads)
+        predicted = self._fit_vocab(logits.flatten(0, 1)).argmax(-1).view(logits.shape[:2])
+        positions = torch.arange(block.shape[1] - 1, device=block.device).view(1, -1)
+        matched = ((predicted == block[:, 1:]) & (positions < reads.view(-1, 1))).sum(1)
+        # logits[:, j] read block[:, j] and predict block[:, j + 1]
+        result = torch.stack([reads, matched]).tolist()
+        return result[0], result[1]
+
     @staticmethod
     def _confidence(logits: torch.Tensor, token: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
         """The draft probability of each row's drafted token."""
@@ -104,10 +132,15 @@ class ModelDrafter:
         return torch.nn.functional.pad(logits, (0, self.vocab - width), value=-torch.inf)
 
     def rollback(self, valid: torch.Tensor) -> None:
-        self.runner.rollback(torch.minimum(self.runner.lengths, valid))
+        if self.unread is None:
+            self.runner.rollback(torch.minimum(self.runner.lengths, valid))
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        self.runner.select_rows(rows)
+        if self.unread is None:
+            self.runner.select_rows(rows)
+        else:
+            prompt, attention_mask = self.unread
+            self.unread = (prompt[rows], attention_mask[rows])
 
 
 class PromptLookupDrafter:

@@ -21,6 +21,7 @@ from .sampling import Sampling
 from .sequence import TokenBuffer
 from .settings import GenerationSettings, expand_for_sequences, resolve_settings
 from .policy import AdaptivePolicy, DraftPolicy
+from .selector import resolve_selector
 from .speculate import Decoder, ScoreRecord, StopCriteria
 from .stats import SpecStats
 
@@ -137,7 +138,9 @@ class SpeculativeEngine:
             if owned:
                 drafter.confidence_threshold = options["confidence_threshold"]
         drafters = list(self.drafters) + options["extra_drafters"]
-        policy = options["selector"] or AdaptivePolicy(options["schedule"], options["gamma"], gamma_max)
+        adaptive = dict(schedule=options["schedule"], initial=options["gamma"], maximum=gamma_max)
+        policy = resolve_selector(options["selector"], drafters, self.target, **adaptive) or AdaptivePolicy(**adaptive)
+        policy.check_pool([d.name for d in drafters], self.target)
         stats = SpecStats()
         streamer = options["streamer"]
         if streamer is not None:
@@ -204,8 +207,9 @@ def _resolve(model, kwargs: dict, prompt_width: int, device) -> dict:
     engine's own (draft length and schedule, prompt lookup, seed, lenience, streaming)."""
     kwargs = dict(kwargs)
     own = {name: kwargs.pop(name, None) for name in ("seed", "lenience", "streamer", "tokenizer", "selector")}
-    if own["selector"] is not None and not isinstance(own["selector"], DraftPolicy):
-        raise TypeError(f"selector: expected a draftwise DraftPolicy, got {type(own['selector']).__name__}")
+    if own["selector"] is not None and not isinstance(own["selector"], (DraftPolicy, str, os.PathLike)):
+        raise TypeError(f"selector: expected a selector folder, 'online' or a draftwise DraftPolicy, "
+                        f"got {type(own['selector']).__name__}")
     settings = resolve_settings(model, kwargs, prompt_width, device)
     config = settings.config
     if config.temperature is not None and config.temperature < 0:
@@ -278,12 +282,17 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     ``max_matching_ngram_size``; and ``streamer``. ``drafts=[...]`` takes several draft models or
     drafters. Batches of any size with left-padded prompts are supported.
 
-    ``selector`` (draftwise's own) is the :class:`~draftwise.engine.policy.DraftPolicy` that picks
-    each row's drafter (or none) and γ before every step. The default,
-    :class:`~draftwise.engine.policy.AdaptivePolicy`, takes per row the arm with the best expected
+    ``selector`` (draftwise's own) decides each row's drafter (or none) and γ before every step:
+    a :class:`~draftwise.engine.policy.DraftPolicy`, a trained selector folder
+    (``draftwise selector train``; one choice per row from the prompt,
+    :class:`~draftwise.engine.selector.OfflinePolicy`) or ``"online"``
+    (:class:`~draftwise.engine.selector.OnlinePolicy`: the pool's shipped selector as a prior when
+    there is one, then every drafter scored on the row's committed text). Defaults: with one
+    drafter, :class:`~draftwise.engine.policy.AdaptivePolicy`, the arm with the best expected
     tokens per second from the row's measured acceptance and the measured costs; with the
     adaptive schedule, decoding without drafts is an arm, so a draft that does not pay on a text
-    stops costing time there (and is tried again now and then).
+    stops costing time there (and is tried again now and then); with several, ``"online"``. A
+    selector trained for another pool or target raises a ``ValueError`` naming ``selector``.
 
     ``compile`` (draftwise's own, default False) runs the target's decode and verification
     forwards through ``torch.compile``: faster steps after a one-time compile, done with a

@@ -18,7 +18,9 @@ the output does not depend on them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
+
+import torch
 
 NO_DRAFT = -1  # the arm "decode with the target alone"
 SCHEDULES = ("constant", "heuristic", "adaptive")
@@ -47,6 +49,24 @@ class StepTrace:
     width: int  # tokens per row in that forward (1 + the longest draft)
 
 
+@dataclasses.dataclass
+class PolicyContext:
+    """What a policy may read before the first step: the prompts (``tokens[b, starts[b]:width]``)
+    and, when the policy asks for it (``wants_hidden``), the mean over each prompt of the target's
+    last hidden state, from the prefill the engine runs anyway."""
+
+    tokens: torch.Tensor  # [B, >= width] the committed tokens (left-padded prompts first)
+    starts: torch.Tensor  # [B] where each prompt starts (its left padding before)
+    width: int  # the padded prompt width
+    hidden: Optional[torch.Tensor] = None  # [B, H] float32
+    with_model: tuple = ()  # per drafter: whether it runs a model (drafting costs forwards)
+
+    def prompt_ids(self) -> list[list[int]]:
+        starts = self.starts.tolist()
+        rows = self.tokens[:, : self.width].tolist()
+        return [row[start:] for row, start in zip(rows, starts)]
+
+
 class CostModel:
     """Measured costs: the target's time per call as a line in the number of drafted tokens it
     verifies, and each drafter's time per drafted token (running averages).
@@ -60,6 +80,7 @@ class CostModel:
     def __init__(self):
         self.target: dict[int, float] = {}  # drafted tokens per row -> seconds per call
         self.draft: dict[int, float] = {}  # drafter -> seconds per drafted token
+        self.scoring: dict[int, float] = {}  # drafter -> seconds per forward while it only scored rows
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else self.DECAY * old + (1 - self.DECAY) * new
@@ -90,8 +111,12 @@ class CostModel:
         step = t0 / (1 + self.PRIOR_SLOPE * g0)
         return step * (1 + self.PRIOR_SLOPE * gamma)
 
+    def observe_scoring(self, drafter: int, seconds_per_token: float) -> None:
+        self.scoring[drafter] = self._average(self.scoring.get(drafter), seconds_per_token)
+
     def draft_time(self, drafter: int) -> float:
-        return self.draft.get(drafter, 0.0)
+        """Measured while drafting; until then, while scoring (a forward per drafted token)."""
+        return self.draft.get(drafter, self.scoring.get(drafter, 0.0))
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -101,9 +126,17 @@ def expected_tokens(alpha: float, gamma: int) -> float:
 
 
 class DraftPolicy:
-    """The seam: subclasses decide, each step, every row's drafter and γ."""
+    """The seam: subclasses decide, each step, every row's drafter and γ.
 
-    def start(self, num_drafters: int, batch: int) -> None:
+    ``wants_hidden``: the engine computes :attr:`PolicyContext.hidden` for :meth:`start`.
+    ``full_information``: after each step the engine also reports, through
+    :meth:`observe_shadow`, what drafters that did not draft a row would have had accepted there.
+    """
+
+    wants_hidden = False
+    full_information = False
+
+    def start(self, num_drafters: int, batch: int, context: PolicyContext | None = None) -> None:
         self.num_drafters, self.batch = num_drafters, batch
 
     def choose(self) -> StepChoice:
@@ -112,11 +145,17 @@ class DraftPolicy:
     def observe(self, trace: StepTrace) -> None:
         pass
 
+    def observe_shadow(self, drafter: int, drafted: Sequence[int], accepted: Sequence[int],
+                       seconds_per_token: float | None = None) -> None:
+        """Per row of the batch: of ``drafted`` tokens that ``drafter`` proposed or predicted
+        without drafting the row, ``accepted`` would have been accepted."""
+
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (positions in the current batch), in that order."""
 
-    def check_pool(self, names: Sequence[str]) -> None:
-        """Raise ``ValueError`` if this policy cannot choose among drafters of these names."""
+    def check_pool(self, names: Sequence[str], target=None) -> None:
+        """Raise ``ValueError`` if this policy cannot choose among drafters of these names (for
+        this target, when given)."""
 
 
 class FixedPolicy(DraftPolicy):
@@ -129,10 +168,10 @@ class FixedPolicy(DraftPolicy):
             raise ValueError(f"gamma: expected a positive int, got {gamma}")
         self.arm, self.fixed_gamma = arm, gamma
 
-    def start(self, num_drafters: int, batch: int) -> None:
+    def start(self, num_drafters: int, batch: int, context: PolicyContext | None = None) -> None:
         if self.arm >= num_drafters:
             raise ValueError(f"arm: drafter {self.arm} asked for, but there are {num_drafters} drafters")
-        super().start(num_drafters, batch)
+        super().start(num_drafters, batch, context)
 
     def choose(self) -> StepChoice:
         gamma = 0 if self.arm == NO_DRAFT else self.fixed_gamma
@@ -171,6 +210,8 @@ class _Row:
     undrafted_steps: int = 0  # steps since the row last drafted
     pause: int = 4  # steps without drafts before the next try
     trying: bool = False  # this step is a try after a pause
+    allowed: Optional[list[int]] = None  # the drafters the row may use (None: all)
+    prior: int = NO_DRAFT  # the drafter a selector chose for the row before the first step
 
 
 class AdaptivePolicy(DraftPolicy):
@@ -187,6 +228,7 @@ class AdaptivePolicy(DraftPolicy):
     """
 
     FIRST_PAUSE, LONGEST_PAUSE = 4, 64  # steps a row waits before it tries drafting again
+    retries = True  # a row that stopped drafting tries again after a pause (without other evidence)
 
     def __init__(self, schedule: str = "adaptive", initial: int = 4, maximum: int = 12, no_draft: bool = True):
         if schedule not in SCHEDULES:
@@ -198,31 +240,60 @@ class AdaptivePolicy(DraftPolicy):
         self.no_draft = no_draft and schedule == "adaptive"
         self.costs = CostModel()
 
-    def start(self, num_drafters: int, batch: int) -> None:
-        super().start(num_drafters, batch)
+    def start(self, num_drafters: int, batch: int, context: PolicyContext | None = None) -> None:
+        super().start(num_drafters, batch, context)
+        self.with_model = tuple(context.with_model) if context is not None and context.with_model else ()
         self.rows = [_Row([_RowArm(self.initial) for _ in range(num_drafters)]) for _ in range(batch)]
 
     # ------------------------------------------------------------------ choosing
 
     def choose(self) -> StepChoice:
-        choice = StepChoice([], [])
-        for row in self.rows:
-            arm = self._choose_row(row) if self.num_drafters else NO_DRAFT
-            choice.drafter.append(arm)
-            choice.gamma.append(0 if arm == NO_DRAFT else row.arms[arm].gamma)
-        return choice
+        arms = [self._choose_row(row) if self.num_drafters else NO_DRAFT for row in self.rows]
+        arms = self._one_model_per_step(arms)
+        return StepChoice(arms, [0 if a == NO_DRAFT else row.arms[a].gamma for row, a in zip(self.rows, arms)])
+
+    def _one_model_per_step(self, arms: list[int]) -> list[int]:
+        """A draft model drafts every row of the batch whichever rows take it, so a second one in
+        the same step doubles the drafting: rows that chose another model than the most chosen
+        one take their best arm without it (that model, a model-free drafter, or no draft)."""
+        models = [a for a in arms if a != NO_DRAFT and self.with_model and self.with_model[a]]
+        if len(set(models)) <= 1:
+            return arms
+        keep = max(set(models), key=models.count)
+        allowed = [i for i in range(self.num_drafters) if i == keep or not self.with_model[i]]
+        out = []
+        for row, arm in zip(self.rows, arms):
+            if arm in allowed or arm == NO_DRAFT:
+                out.append(arm)
+                continue
+            best = max(allowed, key=lambda i: self.rate(i, self._alpha(row.arms[i]) if row.arms[i].alpha is not None
+                                                         else None, row.arms[i].gamma))
+            out.append(best if self.rate(best, self._alpha(row.arms[best]), row.arms[best].gamma)
+                       > self.rate(NO_DRAFT) else NO_DRAFT)
+        return out
+
+    def _alpha(self, state: _RowArm) -> float | None:
+        """The acceptance estimate a choice uses."""
+        return state.alpha
+
+    def _candidates(self, row: _Row) -> list[int]:
+        """The drafters the row may take this step."""
+        return list(range(len(row.arms))) if row.allowed is None else row.allowed
 
     def _choose_row(self, row: _Row) -> int:
-        untried = [i for i, arm in enumerate(row.arms) if arm.alpha is None]
+        candidates = self._candidates(row)
+        if not candidates:
+            return NO_DRAFT
+        untried = [i for i in candidates if row.arms[i].alpha is None]
         if untried:
             return untried[0]
-        best = max(range(len(row.arms)), key=lambda i: self.rate(i, row.arms[i].alpha, row.arms[i].gamma))
+        best = max(candidates, key=lambda i: self.rate(i, self._alpha(row.arms[i]), row.arms[i].gamma))
         row.trying = False
         if not self.no_draft or not self.costs.measured:
             return best
-        if self.rate(best, row.arms[best].alpha, row.arms[best].gamma) > self.rate(NO_DRAFT):
+        if self.rate(best, self._alpha(row.arms[best]), row.arms[best].gamma) > self.rate(NO_DRAFT):
             return best
-        if row.undrafted_steps >= row.pause:  # the text may have changed: try again
+        if self.retries and row.undrafted_steps >= row.pause:  # the text may have changed: try again
             row.trying = True
             return best
         return NO_DRAFT
@@ -247,6 +318,14 @@ class AdaptivePolicy(DraftPolicy):
             if drafted:
                 self._learn(row.arms[arm], arm, drafted, accepted)
             self._after_drafting(row, arm)
+
+    def observe_shadow(self, drafter: int, drafted: Sequence[int], accepted: Sequence[int],
+                       seconds_per_token: float | None = None) -> None:
+        if seconds_per_token is not None:
+            self.costs.observe_scoring(drafter, seconds_per_token)
+        for row, d, a in zip(self.rows, drafted, accepted):
+            if d:
+                self._learn(row.arms[drafter], drafter, d, a)
 
     def _learn(self, state: _RowArm, arm: int, drafted: int, accepted: int) -> None:
         state.count(drafted, accepted)

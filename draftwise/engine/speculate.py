@@ -19,7 +19,7 @@ from draftwise.kernels.spec import ChainInputs, LenienceKind, VerifyOutput
 
 from .drafters import Draft
 from .models import ModelRunner
-from .policy import NO_DRAFT, DraftPolicy, StepChoice, StepTrace
+from .policy import NO_DRAFT, DraftPolicy, PolicyContext, StepChoice, StepTrace
 from .sampling import Sampling
 from .sequence import TokenBuffer
 from .stats import SpecStats
@@ -138,7 +138,7 @@ class Decoder:
         self.rows = torch.arange(len(buffer.lengths), device=device)  # original row ids of the batch
         self.produced = torch.zeros_like(buffer.lengths)
         self.results: dict[int, torch.Tensor] = {}
-        self.policy.start(len(self.drafters), len(self.rows))
+        self.steps_done = 0
         for name in {d.name for d in self.drafters} if len(self.drafters) > 1 else ():
             self.stats.per_draft[name] = SpecStats()
 
@@ -152,11 +152,16 @@ class Decoder:
         """The target reads the prompts and emits each row's first token (a step with no drafts)."""
         times: list[float] = []
         prompt = buffer.tokens[:, : buffer.prompt_length].clamp(min=0)
-        with self.timer(times):
+        hidden = []
+        with self.timer(times), _mean_hidden_state(self.target.model, attention_mask, hidden,
+                                                   getattr(self.policy, "wants_hidden", False)):
             logits = self.target.prefill(prompt, attention_mask, last_only=True)
         with self.timer(times):
             for drafter in self.drafters:
                 drafter.start(buffer, attention_mask, self.target.vocab_size)
+        context = PolicyContext(buffer.tokens, buffer.starts, buffer.prompt_length, hidden[0] if hidden else None,
+                                tuple(d.draft_model is not None for d in self.drafters))
+        self.policy.start(len(self.drafters), len(self.rows), context)
         no_drafts = torch.empty(len(self.rows), 0, dtype=torch.int64, device=prompt.device)
         with self.timer(times):
             scores = self._scores(buffer, no_drafts, logits)
@@ -172,6 +177,7 @@ class Decoder:
         times: list[float] = []
         with self.timer(times):
             draft, draft_seconds = self._draft(buffer, choice)
+            shadows = self._shadow_proposals(buffer, choice) if self.policy.full_information else {}
         with self.timer(times):  # target: the last emitted token, then the drafts
             last = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1))
             logits = self.target.extend(torch.cat([last, draft.tokens.clamp(min=0)], 1))
@@ -180,6 +186,8 @@ class Decoder:
             out = self.verify(self._chain_inputs(draft.tokens, draft.probs, scores, self.measure_accept_probs))
         emitted, finished = self._commit(buffer, out, logits, scores)  # accept + commit
         self._record(choice, draft, out, emitted, draft_seconds, times)
+        if self.policy.full_information:
+            self._shadow_feedback(buffer, choice, shadows, out, emitted)
         self._retire(buffer, finished)
 
     def _draft(self, buffer: TokenBuffer, choice: StepChoice) -> tuple[Draft, dict[int, float]]:
@@ -199,8 +207,53 @@ class Decoder:
                 draft = self.drafters[arm].propose(buffer, gamma, self.sampling).truncated(self.max_draft)
             seconds[arm] = times[0]
             parts.append((rows, gamma, draft))
+        self.proposals = {arm: draft for arm, (_, _, draft) in zip(rows_of, parts)}  # for full-information feedback
         return merge_drafts(parts, choice.gamma, len(choice.drafter), self.target.vocab_size,
                             buffer.tokens.device), seconds
+
+    # ------------------------------------------------------------------ full-information feedback
+
+    SHADOW_GAMMA = 4  # tokens a drafter that drafts no row proposes for scoring
+    SCORE_EVERY = 4  # steps between the catch-up reads that score an idle draft model
+
+    def _shadow_proposals(self, buffer: TokenBuffer, choice: StepChoice) -> dict[int, tuple[Draft, float]]:
+        """Proposals, for scoring only, of the drafters without a model that no row chose this
+        step (prompt lookup: a search in the committed tokens, no forward)."""
+        shadows = {}
+        for arm, drafter in enumerate(self.drafters):
+            if arm in self.proposals or drafter.draft_model is not None:
+                continue
+            start = time.perf_counter()
+            shadows[arm] = (drafter.propose(buffer, self.SHADOW_GAMMA, self.sampling), time.perf_counter() - start)
+        return shadows
+
+    def _shadow_feedback(self, buffer: TokenBuffer, choice: StepChoice, shadows: dict, out: VerifyOutput,
+                         emitted: torch.Tensor) -> None:
+        """Tell the policy what every drafter would have had accepted on each row it did not
+        draft: a proposal is scored against the tokens the step emitted (the target's own); an
+        idle draft model, every few steps, by reading the committed tokens it has not seen (as
+        it must before it drafts again) and comparing its predictions with them."""
+        self.steps_done += 1
+        proposals = {arm: (draft, None) for arm, draft in self.proposals.items()} | shadows
+        for arm, (draft, seconds) in proposals.items():
+            drafted, accepted = _agreement(draft.tokens, out.output_tokens, emitted)
+            for row, chosen in enumerate(choice.drafter):
+                if chosen == arm:  # the step itself counted these
+                    drafted[row] = accepted[row] = 0
+            width = max(1, draft.tokens.shape[1])
+            self.policy.observe_shadow(arm, drafted, accepted, None if seconds is None else seconds / width)
+        idle = [arm for arm, d in enumerate(self.drafters) if arm not in proposals and hasattr(d, "score")]
+        if self.steps_done % self.SCORE_EVERY or not idle:
+            return
+        # one idle draft model per scoring step, in turn: each is scored every few steps
+        turn = self.steps_done // self.SCORE_EVERY
+        for arm in (idle[turn % len(idle)],):
+            drafter = self.drafters[arm]
+            times: list[float] = []
+            with self.timer(times):
+                drafted, accepted = drafter.score(buffer)
+            self.stats.time_draft += times[0]
+            self.policy.observe_shadow(arm, drafted, accepted, times[0])
 
     def _record(self, choice: StepChoice, draft: Draft, out: VerifyOutput, emitted: torch.Tensor,
                 draft_seconds: dict[int, float], times: list[float]) -> None:
@@ -280,6 +333,44 @@ class Decoder:
             drafter.select_rows(keep)
         self.sampling.select_rows(keep)
         self.policy.select_rows(keep.tolist())
+
+
+def _agreement(proposal: torch.Tensor, output: torch.Tensor, emitted: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per row, as a chain step would count them: how many of ``proposal`` lead-match the emitted
+    tokens (``accepted``), and ``drafted`` = accepted + 1 where a proposed token was refused.
+    Only the emitted tokens are known, so a proposal that matches all of them counts as accepted
+    that far."""
+    width = min(proposal.shape[1], output.shape[1])
+    if width == 0:
+        zeros = [0] * proposal.shape[0]
+        return zeros, list(zeros)
+    known = torch.arange(width, device=emitted.device).view(1, -1) < emitted.view(-1, 1)
+    proposed = (proposal[:, :width] >= 0) & known
+    match = (proposal[:, :width] == output[:, :width]) & proposed
+    accepted = match.long().cumprod(1).sum(1)
+    refused = (accepted < proposed.sum(1)).long()
+    counts = torch.stack([accepted + refused, accepted]).tolist()
+    return counts[0], counts[1]
+
+
+@contextlib.contextmanager
+def _mean_hidden_state(model, attention_mask: torch.Tensor, into: list, wanted: bool):
+    """While a prefill runs: append to ``into`` the mean over each prompt of the model's last
+    hidden state (the decoder's output, read by a forward hook: no extra forward)."""
+    if not wanted:
+        yield
+        return
+    from .selector import masked_mean
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        into.append(masked_mean(hidden, attention_mask))
+
+    handle = model.get_decoder().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def merge_drafts(parts: list[tuple[list[int], int, Draft]], gammas: list[int], batch: int, vocab: int,
