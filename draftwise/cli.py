@@ -11,18 +11,21 @@ import torch
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Speculative decoding on the default pair, side by side with the target alone and with
-    Hugging Face's assisted generation (same draft, same γ), on real held-out prompts."""
-    from draftwise.defaults import demo_prompts, load_default
+    """Speculative decoding on the default target with its pool of drafts and their selector,
+    side by side with the target alone, its default draft alone and Hugging Face's assisted
+    generation, on held-out prompts of several kinds."""
+    from draftwise.defaults import load_pool
+    from draftwise.distill.selection import evaluation_set
 
     if args.prompts < 1 or args.repeats < 1:
         raise SystemExit(f"draftwise demo: --prompts and --repeats must be at least 1, "
                          f"got {args.prompts} and {args.repeats}")
     torch.manual_seed(0)
-    target, tokenizer, draft = load_default()
-    runs = _demo_runs(target, tokenizer, draft, args)
-    prompts = demo_prompts(tokenizer)[: args.prompts]
-    _print_demo_header(target, draft, args)
+    target, tokenizer, drafts, selector = load_pool()
+    runs = _demo_runs(target, tokenizer, drafts, selector, args)
+    prompts = [p for p in evaluation_set(tokenizer, per_kind=1, seed=args.seed) if p["template"] == "chat"]
+    prompts = [p["text"] for p in prompts][: args.prompts]
+    _print_demo_header(target, drafts, args, len(prompts))
     _warm_up(runs, tokenizer(prompts[0], return_tensors="pt"))
     totals, seconds_per_pass = _time_demo_runs(runs, tokenizer, prompts, args.repeats)
     _print_demo_table(totals)
@@ -31,41 +34,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_runs(target, tokenizer, draft, args: argparse.Namespace) -> dict:
+def _demo_runs(target, tokenizer, drafts, selector, args: argparse.Namespace) -> dict:
     """The demo's arms: name -> a function of the tokenized prompt that generates greedily."""
     import draftwise
 
-    # Copy from the context where the last tokens occurred before, draft with the model elsewhere.
-    hybrid = draftwise.LookupThenModelDrafter(draftwise.ModelDrafter(draft, confidence_threshold=0.4))
+    draft = drafts[0].draft_model  # the default draft
     common = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     g = args.gamma
     fixed = dict(num_assistant_tokens=g, num_assistant_tokens_schedule="constant")
-    adaptive = dict(num_assistant_tokens_schedule="adaptive")
-    engine = dict(return_dict_in_generate=True, **common)
-    compiled = dict(compile=args.compile, **engine)
+    engine = dict(return_dict_in_generate=True, compile=args.compile, **common)
     tag = ", compiled" if args.compile else ""
     runs = {
         "target alone": lambda x: target.generate(**x, **common),
-        f"HF assisted generation, gamma {g}": lambda x: target.generate(**x, assistant_model=draft, **fixed, **common),
-        f"draftwise, gamma {g}": lambda x: draftwise.generate(target, **x, assistant_model=draft, **fixed, **engine),
+        f"HF assisted generation, default draft, gamma {g}": lambda x: target.generate(
+            **x, assistant_model=draft, **fixed, **common),
     }
-    if args.compile:  # what compiling alone gives, and speculative decoding on top of it
-        runs["draftwise, no draft, compiled"] = lambda x: draftwise.generate(target, **x, **compiled)
-        runs[f"draftwise, gamma {g}{tag}"] = lambda x: draftwise.generate(
-            target, **x, assistant_model=draft, **fixed, **compiled)
-    runs[f"draftwise, adaptive gamma{tag}"] = lambda x: draftwise.generate(
-        target, **x, assistant_model=draft, **adaptive, **compiled)
-    runs[f"draftwise, draft + prompt lookup{tag}"] = lambda x: draftwise.generate(
-        target, **x, assistant_model=hybrid, **adaptive, **compiled)
+    if args.compile:  # what compiling alone gives
+        runs["draftwise, no draft, compiled"] = lambda x: draftwise.generate(target, **x, **engine)
+    runs[f"draftwise, default draft{tag}"] = lambda x: draftwise.generate(target, **x, assistant_model=draft, **engine)
+    runs[f"draftwise, pool + selector{tag}"] = lambda x: draftwise.generate(
+        target, **x, drafts=drafts, selector=selector, **engine)
     return runs
 
 
-def _print_demo_header(target, draft, args: argparse.Namespace) -> None:
-    from draftwise.defaults import DEFAULT_DRAFT
-
+def _print_demo_header(target, drafts, args: argparse.Namespace, prompts: int) -> None:
     print(f"target: {type(target).__name__} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M parameters); "
-          f"draft: {DEFAULT_DRAFT.folder.name} ({draft.config.num_hidden_layers} layers, distilled); "
-          f"greedy, {args.max_new_tokens} new tokens per prompt")
+          f"pool: {', '.join(d.name for d in drafts)} (default draft: {drafts[0].name}); greedy, "
+          f"{args.max_new_tokens} new tokens per prompt; {prompts} held-out prompts of different kinds")
     if args.compile:
         print("compiling the target's decode and verification forwards (torch.compile, once per process: "
               "1-3 minutes on a 2-core CPU; --no-compile skips it)")
@@ -308,14 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
-        parser.exit(2, f"draftwise {args.command}: {error}\n")
+        command = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
+        parser.exit(2, f"draftwise {command}: {error}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftwise", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="speculative decoding on the default model pair, vs the target alone")
-    demo.add_argument("--prompts", type=int, default=4, help="how many of the demo prompts")
+    demo.add_argument("--prompts", type=int, default=7, help="how many held-out prompts (one per kind of text)")
+    demo.add_argument("--seed", type=int, default=0, help="which held-out prompts")
     demo.add_argument("--max-new-tokens", type=int, default=64)
     demo.add_argument("--gamma", type=int, default=2, help="drafted tokens per step of the fixed-gamma runs")
     demo.add_argument("--no-compile", dest="compile", action="store_false",
@@ -331,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.set_defaults(run=_verify_demo)
     _add_distill(commands)
     _add_eval_draft(commands)
+    from draftwise.cli_selector import add_selector
+
+    add_selector(commands, _HelpWithDefaults)
     return parser
 
 

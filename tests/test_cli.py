@@ -16,6 +16,11 @@ from draftwise.cli import main
     (["distill", "--output", "x", "--data", "fixed", "--corpus-texts", "9", "--corpus-docs", "2"], "--corpus-docs"),
     (["eval-draft", "--gammas", "1,x"], "comma-separated integers"),
     (["demo", "--repeats", "0"], "--repeats"),
+    (["selector", "collect", "--out", "x", "--count", "0"], "--count"),
+    (["selector", "train", "--collection", "/nonexistent", "--out", "x"], "draftwise selector train: collection"),
+    (["selector", "train", "--collection", "x", "--out", "y", "--cost-weight", "2"], "cost_weight"),
+    (["selector", "eval", "--selector", "/nonexistent", "--collection", "x"], "not a selector folder"),
+    (["selector", "fit"], "invalid choice"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -29,7 +34,7 @@ def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert all(command in out for command in ("demo", "distill", "eval-draft", "verify-demo"))
+    assert all(command in out for command in ("demo", "distill", "eval-draft", "verify-demo", "selector"))
 
 
 def _distill_args(*options):

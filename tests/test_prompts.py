@@ -217,3 +217,17 @@ def test_the_cli_option_sets_the_prompt_source():
         assert _data_spec(args, _distill_config(args), _data_mix(args)).prompt_source == source
     with pytest.raises(SystemExit):
         build_parser().parse_args(["distill", "--output", "x", "--prompt-source", "news"])
+
+
+def test_unseen_prose_requests_read_passages_no_training_request_reads(texts):
+    import re
+
+    def stories(requests):
+        return {m for r in requests for m in re.findall(r"story (\d+)", r)}
+
+    for n in (5, 12, 20):
+        seen = stories(prompts.prose_training_requests(n, seed=0))
+        unseen = prompts.unseen_prose_requests(10, seed=0, after=20)
+        assert len(unseen) == 10 and stories(unseen) and not seen & stories(unseen)
+    with pytest.raises(ValueError, match="count"):
+        prompts.unseen_prose_requests(-1)

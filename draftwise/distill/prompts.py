@@ -266,6 +266,19 @@ def prose_training_requests(count: int, seed: int = 0) -> list[str]:
     return requests[:count]
 
 
+def unseen_prose_requests(count: int, seed: int = 0, after: int = 1200) -> list[str]:
+    """``count`` requests in the styles of :func:`prose_training_requests` about Wikipedia
+    passages that no ``prose_training_requests(n, seed)`` with ``n <= after`` reads (those take
+    the passages in one seeded order from its start; these come after them): text a draft
+    distilled on prose has not seen, of the same kind."""
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"count: expected an int >= 0, got {count!r}")
+    wiki = list(wikipedia_paragraphs())
+    random.Random(f"{seed}:prose").shuffle(wiki)  # the order prose_training_requests takes them in
+    rng = random.Random(f"{seed}:unseen-prose")
+    return [_prose_request(rng, title, _words(text, TRAIN_PASSAGE_WORDS)) for title, text in wiki[after:after + count]]
+
+
 def _prose_request(rng: random.Random, title: str, text: str) -> str:
     """One request about ``text`` (a passage of the article ``title``, or of an untitled document)."""
     sentences = [s for s in _split_sentences(text) if 6 <= len(s.split()) <= 35] or [text]
