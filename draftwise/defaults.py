@@ -84,6 +84,17 @@ MODEL_DRAFT = LayerDraftSpec(layers=(0,))
 # The default draft: the distilled one.
 DEFAULT_DRAFT = DISTILLED_DRAFT
 
+# The default pool (README, "Choosing the draft"): drafts with different strengths, in the order
+# its selector knows them, then prompt lookup; each named as the selector knows it.
+_DRAFTS = Path(__file__).parent / "drafts"
+POOL_DRAFTS = {
+    "code": DISTILLED_DRAFT,  # distilled on code and documentation prompts
+    "prose": DistilledDraftSpec(_DRAFTS / "smollm2-135m-instruct-prose"),  # on prose prompts
+    "small": DistilledDraftSpec(_DRAFTS / "smollm2-135m-instruct-small"),  # one layer, on prose prompts
+}
+POOL_LOOKUP = "prompt-lookup"
+POOL_SELECTOR = Path(__file__).parent / "selectors" / "smollm2-135m-instruct-pool"
+
 
 # ----------------------------------------------------------------------------------------------
 # The target: locate, convert once, load
@@ -191,6 +202,30 @@ def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
 def default_draft(target: nn.Module) -> nn.Module:
     """:data:`DEFAULT_DRAFT` built on ``target`` (the default target), in eval mode."""
     return DEFAULT_DRAFT.build(target).eval()
+
+
+def pool_drafters(target: nn.Module) -> list:
+    """The default pool's drafters on ``target``: :data:`POOL_DRAFTS` then prompt lookup."""
+    from draftwise.engine import ModelDrafter, PromptLookupDrafter
+
+    drafters = [ModelDrafter(spec.build(target).eval(), name=name) for name, spec in POOL_DRAFTS.items()]
+    return drafters + [PromptLookupDrafter(name=POOL_LOOKUP)]
+
+
+def load_pool(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              cache_dir: str | Path | None = None):
+    """``(target, tokenizer, drafts, selector)``: the default target, its shipped pool of drafters
+    (:func:`pool_drafters`) and the policy that picks among them per row (the shipped selector as
+    the prior of an :class:`~draftwise.engine.selector.OnlinePolicy`), so that::
+
+        draftwise.generate(target, **inputs, drafts=drafts, selector=selector)
+
+    is the whole main job."""
+    from draftwise.engine.selector import pool_policy
+
+    target, tokenizer = load_target(device, dtype, cache_dir)
+    drafts = pool_drafters(target)
+    return target, tokenizer, drafts, pool_policy(POOL_SELECTOR, drafts, target)
 
 
 def load_model_draft(target: nn.Module) -> nn.Module:

@@ -50,3 +50,23 @@ def test_stop_strings_cut_the_output(pair):
     new = new[new != tokenizer.pad_token_id]
     assert stop in tokenizer.decode(new)
     assert stop not in tokenizer.decode(new[:-1])  # cut at the token that completes the stop string
+
+
+def test_the_default_pool_and_its_selector_give_smollm2_output(pair):
+    """``load_pool()``'s drafts and shipped selector: per-row choice over a left-padded batch of
+    different kinds of text gives the target's own greedy output, offline and online."""
+    from draftwise.defaults import POOL_SELECTOR, load_pool
+    from draftwise.engine.selector import OfflinePolicy, OnlinePolicy, Selector
+
+    target, tokenizer, drafts, selector = load_pool()
+    tokenizer.padding_side = "left"
+    assert isinstance(selector, OnlinePolicy) and selector.selector is not None
+    assert [d.name for d in drafts] == Selector.load(POOL_SELECTOR).drafters
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    want = target.generate(**inputs, **kwargs)
+    for policy in (selector, OfflinePolicy(Selector.load(POOL_SELECTOR)), None):
+        got = draftwise.generate(target, **inputs, drafts=drafts, selector=policy, **kwargs)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="selector: trained for the drafts"):
+        draftwise.generate(target, **inputs, drafts=drafts[::-1], selector=POOL_SELECTOR, **kwargs)

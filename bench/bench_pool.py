@@ -1,0 +1,219 @@
+"""The default pool and its selector, measured: speedup over the target alone by kind of text.
+
+On held-out prompts of seven kinds (`draftwise.distill.prompts.evaluation_prompts`, texts none of
+the drafts or the selector trained on), each with and without the chat template; batch 1, greedy,
+48 new tokens. Arms, interleaved prompt by prompt in one process:
+
+- target alone (Hugging Face's `model.generate`), the baseline of every ratio;
+- each drafter of the pool alone (`draftwise.generate(target, assistant_model=d)`, default policy);
+- a random arm (the mean time of the single arms and the target alone: the expectation of picking
+  one at random per prompt) and the per-prompt oracle (the fastest of them, measured);
+- the whole pool under: the per-step default of one drafter (`AdaptivePolicy`), the offline
+  selector (one choice per prompt, the paper's method), the online policy without a prior, and
+  the online policy with the selector as its prior (what `load_pool()` returns).
+
+Then one batch of mixed prompts (one per kind): the pool with per-row choice against each single
+drafter for the whole batch. Every output is checked against the target's own.
+
+    .venv/bin/python bench/bench_pool.py --per-kind 3 --out bench/results/pool_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import draftwise
+from draftwise.defaults import POOL_SELECTOR, load_target, pool_drafters
+from draftwise.distill.prompts import KINDS
+from draftwise.distill.selection import evaluation_set
+from draftwise.engine import AdaptivePolicy
+from draftwise.engine.selector import OfflinePolicy, OnlinePolicy, Selector
+
+NEW_TOKENS = 48
+
+
+def arms(target, tokenizer, pool, selector) -> dict:
+    common = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    runs = {"target alone": lambda x: target.generate(**x, **common)}
+    for drafter in pool:
+        runs[drafter.name] = (lambda d: lambda x: draftwise.generate(target, **x, assistant_model=d, **common))(drafter)
+    policies = {
+        "pool: per-step default": lambda: AdaptivePolicy(),
+        "pool: offline selector": lambda: OfflinePolicy(selector),
+        "pool: online": lambda: OnlinePolicy(),
+        "pool: online + selector": lambda: OnlinePolicy(selector),
+    }
+    for name, make in policies.items():
+        runs[name] = (lambda make: lambda x: draftwise.generate(target, **x, drafts=pool, selector=make(),
+                                                                **common))(make)
+    return runs
+
+
+def timed(run, inputs) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = run(inputs)
+    return time.perf_counter() - start, out
+
+
+def measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int) -> list[dict]:
+    runs = arms(target, tokenizer, pool, selector)
+    warm = tokenizer(prompts[0]["text"], return_tensors="pt", add_special_tokens=False)
+    for run in runs.values():
+        run(warm)
+    records = []
+    for prompt in tqdm(prompts, desc="prompts", unit="prompt"):
+        inputs = tokenizer(prompt["text"], return_tensors="pt", add_special_tokens=False)
+        seconds = {name: [] for name in runs}
+        reference = None
+        for _ in range(repeats):
+            for name, run in runs.items():
+                t, out = timed(run, inputs)
+                seconds[name].append(t)
+                reference = out if reference is None else reference
+                if not torch.equal(out, reference):
+                    raise AssertionError(f"{name} differs from the target's output on {prompt['kind']}")
+        arm = selector.choose(selector.features_for(target, inputs["input_ids"], inputs["attention_mask"]))[0]
+        records.append(dict(kind=prompt["kind"], template=prompt["template"], text=prompt["text"],
+                            seconds={k: min(v) for k, v in seconds.items()},
+                            offline_choice=selector.arms[arm] if arm >= 0 else selector.arms[-1]))
+    return records
+
+
+def with_derived_arms(records: list[dict], singles: list[str]) -> None:
+    """Adds the random arm (mean of the single arms' times) and the oracle (their minimum)."""
+    for r in records:
+        times = [r["seconds"][name] for name in singles]
+        r["seconds"]["random arm"] = sum(times) / len(times)
+        r["seconds"]["oracle"] = min(times)
+        r["oracle_arm"] = singles[times.index(min(times))]
+
+
+def speedups(records: list[dict], names: list[str]) -> dict:
+    groups = {}
+    for r in records:
+        for key in ((r["kind"], r["template"]), ("all kinds", r["template"]), ("all kinds", "both")):
+            groups.setdefault(key, []).append(r)
+    return {f"{kind}|{template}": {name: sum(r["seconds"]["target alone"] for r in group)
+                                   / sum(r["seconds"][name] for r in group) for name in names}
+            for (kind, template), group in groups.items()}
+
+
+def batch_measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int) -> dict:
+    """One left-padded batch of mixed prompts: per-row choice against each drafter for all rows."""
+    tokenizer.padding_side = "left"
+    inputs = tokenizer([p["text"] for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    common = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    runs = {"target alone": lambda: target.generate(**inputs, **common)}
+    for drafter in pool:
+        runs[drafter.name] = (lambda d: lambda: draftwise.generate(target, **inputs, assistant_model=d, **common))(drafter)
+    runs["pool: offline selector"] = lambda: draftwise.generate(target, **inputs, drafts=pool,
+                                                                selector=OfflinePolicy(selector), **common)
+    runs["pool: online + selector"] = lambda: draftwise.generate(target, **inputs, drafts=pool,
+                                                                 selector=OnlinePolicy(selector), **common)
+    seconds = {name: [] for name in runs}
+    reference = None
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = run()
+            seconds[name].append(time.perf_counter() - start)
+            reference = out if reference is None else reference
+            if not torch.equal(out, reference):
+                raise AssertionError(f"batch: {name} differs from the target's output")
+    best = {name: min(v) for name, v in seconds.items()}
+    return dict(rows=len(prompts), seconds=best,
+                speedup={name: best["target alone"] / t for name, t in best.items()})
+
+
+def table(ratios: dict, names: list[str]) -> str:
+    lines = ["| kind | template | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    order = [f"{k}|{t}" for k in KINDS + ("all kinds",) for t in ("chat", "raw", "both") if f"{k}|{t}" in ratios]
+    for key in order:
+        kind, template = key.split("|")
+        lines.append(f"| {kind} | {template} | " + " | ".join(f"{ratios[key][n]:.2f}×" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def plot(ratios: dict, names: list[str], path: Path) -> bool:
+    """A bar chart of the speedups per kind (both templates), if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    kinds = [k for k in KINDS if f"{k}|chat" in ratios] + ["all kinds"]
+
+    def both(kind, name):
+        if kind == "all kinds":
+            return ratios["all kinds|both"][name]
+        return (ratios[f"{kind}|chat"][name] + ratios[f"{kind}|raw"][name]) / 2
+
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([k + i * width for k in range(len(kinds))], [both(kind, name) for kind in kinds], width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylim(bottom=0.7)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds)
+    ax.set_ylabel("speedup over the target alone")
+    ax.legend(fontsize=7, ncol=5, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-kind", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--selector", default=str(POOL_SELECTOR))
+    parser.add_argument("--out", default="bench/results/pool_cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    target, tokenizer = load_target()
+    pool = pool_drafters(target)
+    selector = Selector.load(args.selector)
+    prompts = evaluation_set(tokenizer, args.per_kind, args.seed)
+    records = measure(target, tokenizer, pool, selector, prompts, args.repeats)
+    singles = ["target alone"] + [d.name for d in pool]
+    with_derived_arms(records, singles)
+    names = [d.name for d in pool] + ["random arm", "oracle", "pool: per-step default", "pool: offline selector",
+                                      "pool: online", "pool: online + selector"]
+    ratios = speedups(records, names)
+    one_per_kind = [next(p for p in prompts if p["kind"] == k and p["template"] == "chat") for k in KINDS]
+    batch = batch_measure(target, tokenizer, pool, selector, one_per_kind, max(args.repeats, 2))
+    command = f"python bench/bench_pool.py --per-kind {args.per_kind} --repeats {args.repeats} --seed {args.seed}"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(command=command, records=records, ratios=ratios,
+                                                        batch=batch), indent=1))
+    plotted = plot(ratios, names, out.with_suffix(".png"))
+    choices = {}
+    for r in records:
+        choices.setdefault(r["offline_choice"], 0)
+        choices[r["offline_choice"]] += 1
+    text = [f"# The default pool by kind of text (batch 1, greedy, {NEW_TOKENS} new tokens)", "",
+            f"Command: `{command}`", "", "Speedup over the target alone (Hugging Face `generate`), ratio of summed times.",
+            "", table(ratios, names), "",
+            f"Offline selector's choices: {choices}. Per-prompt oracle arm counts: "
+            f"{ {a: sum(r['oracle_arm'] == a for r in records) for a in singles} }.", "",
+            f"One batch of {batch['rows']} mixed prompts (one per kind, chat template): "
+            + ", ".join(f"{k} {v:.2f}×" for k, v in batch["speedup"].items() if k != "target alone")]
+    if plotted:
+        text += ["", f"![speedup by kind]({out.with_suffix('.png').name})"]
+    out.with_suffix(".md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
