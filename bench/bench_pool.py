@@ -38,8 +38,13 @@ from draftwise.engine.selector import OfflinePolicy, OnlinePolicy, Selector
 NEW_TOKENS = 48
 
 
-def arms(target, tokenizer, pool, selector) -> dict:
-    common = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+def sampling(sample: bool) -> dict:
+    """Greedy, or plain sampling at T = 1 (no top-k, no top-p)."""
+    return dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+
+
+def arms(target, tokenizer, pool, selector, sample: bool = False) -> dict:
+    common = dict(max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id, **sampling(sample))
     runs = {"target alone": lambda x: target.generate(**x, **common)}
     for drafter in pool:
         runs[drafter.name] = (lambda d: lambda x: draftwise.generate(target, **x, assistant_model=d, **common))(drafter)
@@ -62,8 +67,11 @@ def timed(run, inputs) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int) -> list[dict]:
-    runs = arms(target, tokenizer, pool, selector)
+def measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int, sample: bool = False) -> list[dict]:
+    """Per prompt, each arm's best time and its new tokens. Greedy: every output must equal the
+    target's. Sampled: outputs differ run to run (their law is the target's, which the tests
+    check), so speeds are tokens per second."""
+    runs = arms(target, tokenizer, pool, selector, sample)
     warm = tokenizer(prompts[0]["text"], return_tensors="pt", add_special_tokens=False)
     for run in runs.values():
         run(warm)
@@ -71,28 +79,35 @@ def measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int
     for prompt in tqdm(prompts, desc="prompts", unit="prompt"):
         inputs = tokenizer(prompt["text"], return_tensors="pt", add_special_tokens=False)
         seconds = {name: [] for name in runs}
+        tokens = {name: [] for name in runs}
         reference = None
+        width = inputs["input_ids"].shape[1]
         for _ in range(repeats):
             for name, run in runs.items():
                 t, out = timed(run, inputs)
                 seconds[name].append(t)
+                tokens[name].append(int((out[0, width:] != tokenizer.pad_token_id).sum()))
                 reference = out if reference is None else reference
-                if not torch.equal(out, reference):
+                if not sample and not torch.equal(out, reference):
                     raise AssertionError(f"{name} differs from the target's output on {prompt['kind']}")
         arm = selector.choose(selector.features_for(target, inputs["input_ids"], inputs["attention_mask"]))[0]
         records.append(dict(kind=prompt["kind"], template=prompt["template"], text=prompt["text"],
-                            seconds={k: min(v) for k, v in seconds.items()},
+                            seconds={k: sum(v) / len(v) if sample else min(v) for k, v in seconds.items()},
+                            tokens={k: sum(v) / len(v) for k, v in tokens.items()},
                             offline_choice=selector.arms[arm] if arm >= 0 else selector.arms[-1]))
     return records
 
 
 def with_derived_arms(records: list[dict], singles: list[str]) -> None:
-    """Adds the random arm (mean of the single arms' times) and the oracle (their minimum)."""
+    """Adds the random arm (mean of the single arms' times per token) and the oracle (their
+    minimum), at the target's token count."""
     for r in records:
-        times = [r["seconds"][name] for name in singles]
-        r["seconds"]["random arm"] = sum(times) / len(times)
-        r["seconds"]["oracle"] = min(times)
-        r["oracle_arm"] = singles[times.index(min(times))]
+        per_token = [r["seconds"][name] / max(r["tokens"][name], 1) for name in singles]
+        base = r["tokens"]["target alone"]
+        r["seconds"]["random arm"] = base * sum(per_token) / len(per_token)
+        r["seconds"]["oracle"] = base * min(per_token)
+        r["tokens"]["random arm"] = r["tokens"]["oracle"] = base
+        r["oracle_arm"] = singles[per_token.index(min(per_token))]
 
 
 def speedups(records: list[dict], names: list[str]) -> dict:
@@ -100,8 +115,10 @@ def speedups(records: list[dict], names: list[str]) -> dict:
     for r in records:
         for key in ((r["kind"], r["template"]), ("all kinds", r["template"]), ("all kinds", "both")):
             groups.setdefault(key, []).append(r)
-    return {f"{kind}|{template}": {name: sum(r["seconds"]["target alone"] for r in group)
-                                   / sum(r["seconds"][name] for r in group) for name in names}
+    def rate(group, name):  # tokens per second over the group
+        return sum(r["tokens"][name] for r in group) / sum(r["seconds"][name] for r in group)
+
+    return {f"{kind}|{template}": {name: rate(group, name) / rate(group, "target alone") for name in names}
             for (kind, template), group in groups.items()}
 
 
@@ -177,6 +194,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--selector", default=str(POOL_SELECTOR))
+    parser.add_argument("--sample", action="store_true", help="sample at T = 1 instead of greedy decoding")
     parser.add_argument("--out", default="bench/results/pool_cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -184,15 +202,17 @@ def main() -> None:
     pool = pool_drafters(target)
     selector = Selector.load(args.selector)
     prompts = evaluation_set(tokenizer, args.per_kind, args.seed)
-    records = measure(target, tokenizer, pool, selector, prompts, args.repeats)
+    records = measure(target, tokenizer, pool, selector, prompts, args.repeats, args.sample)
     singles = ["target alone"] + [d.name for d in pool]
     with_derived_arms(records, singles)
     names = [d.name for d in pool] + ["random arm", "oracle", "pool: per-step default", "pool: offline selector",
                                       "pool: online", "pool: online + selector"]
     ratios = speedups(records, names)
     one_per_kind = [next(p for p in prompts if p["kind"] == k and p["template"] == "chat") for k in KINDS]
-    batch = batch_measure(target, tokenizer, pool, selector, one_per_kind, max(args.repeats, 2))
-    command = f"python bench/bench_pool.py --per-kind {args.per_kind} --repeats {args.repeats} --seed {args.seed}"
+    batch = None if args.sample else batch_measure(target, tokenizer, pool, selector, one_per_kind,
+                                                   max(args.repeats, 2))
+    command = (f"python bench/bench_pool.py --per-kind {args.per_kind} --repeats {args.repeats} --seed {args.seed}"
+               + (" --sample" if args.sample else "") + f" --out {args.out}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(command=command, records=records, ratios=ratios,
@@ -202,13 +222,16 @@ def main() -> None:
     for r in records:
         choices.setdefault(r["offline_choice"], 0)
         choices[r["offline_choice"]] += 1
-    text = [f"# The default pool by kind of text (batch 1, greedy, {NEW_TOKENS} new tokens)", "",
-            f"Command: `{command}`", "", "Speedup over the target alone (Hugging Face `generate`), ratio of summed times.",
+    mode = "sampled at T = 1" if args.sample else "greedy"
+    text = [f"# The default pool by kind of text (batch 1, {mode}, {NEW_TOKENS} new tokens)", "",
+            f"Command: `{command}`", "", "Speedup over the target alone (Hugging Face `generate`): tokens per second "
+            "over summed times" + (", runs averaged over repeats" if args.sample else "") + ".",
             "", table(ratios, names), "",
             f"Offline selector's choices: {choices}. Per-prompt oracle arm counts: "
-            f"{ {a: sum(r['oracle_arm'] == a for r in records) for a in singles} }.", "",
-            f"One batch of {batch['rows']} mixed prompts (one per kind, chat template): "
-            + ", ".join(f"{k} {v:.2f}×" for k, v in batch["speedup"].items() if k != "target alone")]
+            f"{ {a: sum(r['oracle_arm'] == a for r in records) for a in singles} }."]
+    if batch is not None:
+        text += ["", f"One batch of {batch['rows']} mixed prompts (one per kind, chat template): "
+                 + ", ".join(f"{k} {v:.2f}×" for k, v in batch["speedup"].items() if k != "target alone")]
     if plotted:
         text += ["", f"![speedup by kind]({out.with_suffix('.png').name})"]
     out.with_suffix(".md").write_text("\n".join(text) + "\n")
