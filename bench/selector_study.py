@@ -100,7 +100,7 @@ def main() -> None:
              + (f" --measured {args.measured}" if args.measured else "") + f" --out {args.out}`", "",
              "Mean predicted speedup on the held-out prompts (reward with cost weight 1) of the selector's "
              "choices; the oracle takes each prompt's best arm.", "",
-             f"Single arms: " + ", ".join(f"{a} {v:.3f}" for a, v in first["per_arm"].items())
+             "Single arms: " + ", ".join(f"{a} {v:.3f}" for a, v in first["per_arm"].items())
              + f"; random arm {first['random']:.3f}; oracle {first['oracle']:.3f}.", "",
              "| feature | method | cost weight λ | selector | of the oracle | choices |", "|---|---|---|---|---|---|"]
     for r in settings:

@@ -84,19 +84,24 @@ def test_no_draft_arm_is_plain_decoding(models):
     assert stats.drafted == 0 and stats.target_calls == 9 and stats.tau == 1.0  # the prefill emits the first
 
 
-def test_sampled_law_with_rows_on_different_drafters():
+@pytest.mark.parametrize("policy", ["scripted", "online"])
+def test_sampled_law_with_rows_on_different_drafters(policy):
     """A 20k-row batch, every row on its own mix of a sampled draft model, prompt lookup and no
-    draft: the joint law of the first two tokens is the target's."""
+    draft (scripted, or chosen online from each row's scores): the joint law of the first two
+    tokens is the target's."""
+    from draftwise.engine import OnlinePolicy
+
     target = tiny_model("llama", layers=2, vocab=16, seed=0)
     target.generation_config.eos_token_id = None
     draft = tiny_model("llama", layers=1, vocab=16, seed=3)
     prompt = torch.tensor([[3, 7, 5, 3, 7]])
     trials = 20_000
     law = _first_two_token_law(target, prompt, 0.8)
+    selector = ScriptedPolicy([0, 1, NO_DRAFT]) if policy == "scripted" else OnlinePolicy()
     out = draftwise.generate(target, prompt.repeat(trials, 1), drafts=[draft, PromptLookupDrafter()],
-                             selector=ScriptedPolicy([0, 1, NO_DRAFT]), max_new_tokens=2, do_sample=True,
-                             temperature=0.8, top_k=0, seed=5, pad_token_id=0, return_dict_in_generate=True)
-    pairs = out.sequences[:, -2] * 16 + out.sequences[:, -1]
+                             selector=selector, max_new_tokens=3, do_sample=True, temperature=0.8, top_k=0,
+                             seed=5, pad_token_id=0, return_dict_in_generate=True)
+    pairs = out.sequences[:, -3] * 16 + out.sequences[:, -2]
     fit = chi_square(torch.bincount(pairs, minlength=256), law.flatten())
     assert fit.pvalue > ALPHA, f"joint law of the first two tokens: {fit}"
     assert 0 < out.spec_stats.alpha < 1
@@ -165,3 +170,22 @@ def test_bad_selector_and_schedule_are_named(models):
                            num_assistant_tokens_schedule="greedy")
     with pytest.raises(ValueError, match="arm"):
         draftwise.generate(target, ids, mask, assistant_model=draft, max_new_tokens=4, selector=FixedPolicy(3))
+
+
+def test_a_batch_step_drafts_with_one_model_at_most():
+    """Rows that prefer different draft models: the step keeps the model most rows chose; the
+    others take their best arm without the second model (here prompt lookup, arm 1)."""
+    from draftwise.engine.policy import PolicyContext
+
+    policy = AdaptivePolicy()
+    context = PolicyContext(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), 4,
+                            with_model=(True, False, True))
+    policy.start(3, 3, context)
+    policy.costs.observe(_trace([0, 0, 0], [3, 3, 3], [1, 1, 1], {0: 0.003}, 0.040, 4))
+    policy.costs.draft[1], policy.costs.draft[2] = 0.0001, 0.003
+    good, fair, bad = (20.0, 19.0), (20.0, 12.0), (20.0, 1.0)
+    for row, (a0, a1, a2) in zip(policy.rows, [(good, fair, bad), (bad, fair, good), (good, fair, bad)]):
+        for state, (drafted, accepted) in zip(row.arms, (a0, a1, a2)):
+            state.drafted, state.accepted = drafted, accepted
+    assert [policy._choose_row(row) for row in policy.rows] == [0, 2, 0]
+    assert policy.choose().drafter == [0, 1, 0]

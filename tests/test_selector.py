@@ -19,8 +19,7 @@ from draftwise.engine.selector import (
     NO_DRAFT_ARM, OfflinePolicy, OnlinePolicy, Selector, resolve_selector, target_fingerprint, token_features,
 )
 
-from test_distribution import ALPHA, chi_square
-from test_engine_generate import PAD, _first_two_token_law, _prompts
+from test_engine_generate import PAD, _prompts
 from tiny_models import tiny_model
 
 COMMON = dict(do_sample=False, pad_token_id=PAD, eos_token_id=None, return_dict_in_generate=True)
@@ -112,21 +111,6 @@ def test_a_selector_that_always_picks_arm_k_equals_that_arm_alone(models, arm):
     assert torch.equal(chosen.sequences, alone.sequences)
     a, c = alone.spec_stats, chosen.spec_stats
     assert (a.drafted, a.accepted, a.target_calls) == (c.drafted, c.accepted, c.target_calls)
-
-
-def test_sampled_law_is_unchanged_by_the_online_policy():
-    target = tiny_model("llama", layers=2, vocab=16, seed=0)
-    target.generation_config.eos_token_id = None
-    draft = tiny_model("llama", layers=1, vocab=16, seed=3)
-    prompt = torch.tensor([[3, 7, 5, 3, 7]])
-    trials = 20_000
-    law = _first_two_token_law(target, prompt, 0.8)
-    out = draftwise.generate(target, prompt.repeat(trials, 1), drafts=[draft, PromptLookupDrafter()],
-                             selector=OnlinePolicy(), max_new_tokens=3, do_sample=True, temperature=0.8, top_k=0,
-                             seed=7, pad_token_id=0, return_dict_in_generate=True)
-    pairs = out.sequences[:, -3] * 16 + out.sequences[:, -2]
-    fit = chi_square(torch.bincount(pairs, minlength=256), law.flatten())
-    assert fit.pvalue > ALPHA, f"joint law of the first two tokens: {fit}"
 
 
 def test_model_drafter_score_counts_its_teacher_forced_predictions(models):

@@ -266,10 +266,9 @@ class AdaptivePolicy(DraftPolicy):
             if arm in allowed or arm == NO_DRAFT:
                 out.append(arm)
                 continue
-            best = max(allowed, key=lambda i: self.rate(i, self._alpha(row.arms[i]) if row.arms[i].alpha is not None
-                                                         else None, row.arms[i].gamma))
-            out.append(best if self.rate(best, self._alpha(row.arms[best]), row.arms[best].gamma)
-                       > self.rate(NO_DRAFT) else NO_DRAFT)
+            rates = {i: self.rate(i, self._alpha(row.arms[i]), row.arms[i].gamma) for i in allowed}
+            best = max(rates, key=rates.get)
+            out.append(best if rates[best] > self.rate(NO_DRAFT) else NO_DRAFT)
         return out
 
     def _alpha(self, state: _RowArm) -> float | None:
