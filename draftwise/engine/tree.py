@@ -1,0 +1,110 @@
+"""Token trees: what a tree step drafts, with the structure the attention and the verification read.
+
+A chain of drafts is the tree whose every node has one child.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+MAX_NODES = 64  # the ancestor mask is one int64 per node
+
+
+@dataclasses.dataclass
+class DraftTree:
+    """One token tree per row, nodes in topological order (every parent before its children).
+
+    Node 0 is the row's last committed token (the root); ``parents[b, t]`` is node t's parent (-1
+    for the root); a node whose token is -1 is padding (rows may have trees of different sizes),
+    and so is every node below it. For a row whose root "The" has two drafted continuations::
+
+        node      0     1     2     3            The ─┬─ cat ── sat
+        token    The   cat   sat   dog                └─ dog
+        parent   -1     0     1     0
+        depth     0     1     2     1
+        ancestor  0b1  0b11 0b111 0b1001        (bit j: node j is the node or one of its ancestors)
+
+    The derived fields are computed once: ``depth``; ``positions = prefix_lengths + depth`` (each
+    node's position in its row's sequence, ``prefix_lengths`` the committed tokens before the
+    root); ``ancestors`` (bit j of ``ancestors[b, i]`` set iff node j is node i or one of its
+    ancestors: the tree part of the attention mask, 0 for padding); ``valid``.
+
+    ``probs[b, t]`` is the law node t's token was drawn from given its ancestors, or ``None`` when
+    every node is deterministic (one-hot); ``owner[b, t]`` the drafter that proposed node t (-1 for
+    the root and padding).
+    """
+
+    tokens: torch.Tensor  # [B, T] int64
+    parents: torch.Tensor  # [B, T] int64
+    prefix_lengths: torch.Tensor  # [B] int64: committed tokens before the root
+    probs: Optional[torch.Tensor] = None  # [B, T, V]
+    owner: Optional[torch.Tensor] = None  # [B, T] int64
+    depth: torch.Tensor = dataclasses.field(init=False)
+    positions: torch.Tensor = dataclasses.field(init=False)
+    ancestors: torch.Tensor = dataclasses.field(init=False)
+    valid: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self._check()
+        batch, nodes = self.tokens.shape
+        valid = self.tokens >= 0
+        valid[:, 0] = True
+        depth = torch.zeros_like(self.parents)
+        ancestors = torch.zeros_like(self.parents)
+        ancestors[:, 0] = 1
+        for t in range(1, nodes):
+            parent = self.parents[:, t].clamp(min=0).view(-1, 1)
+            valid[:, t] &= (self.parents[:, t] >= 0) & valid.gather(1, parent).squeeze(1)
+            depth[:, t] = depth.gather(1, parent).squeeze(1) + 1
+            ancestors[:, t] = ancestors.gather(1, parent).squeeze(1) | _bit(t)
+        self.valid = valid
+        self.depth = torch.where(valid, depth, 0)
+        self.ancestors = torch.where(valid, ancestors, 0)
+        self.positions = self.prefix_lengths.view(-1, 1) + self.depth
+        if self.owner is None:
+            self.owner = torch.full_like(self.tokens, -1)
+
+    @classmethod
+    def chain(cls, root: torch.Tensor, drafts: torch.Tensor, prefix_lengths: torch.Tensor,
+              probs: Optional[torch.Tensor] = None) -> "DraftTree":
+        """The chain ``root -> drafts[:, 0] -> drafts[:, 1] ...`` as a tree (-1 in drafts pads)."""
+        batch, k = drafts.shape
+        tokens = torch.cat([root.view(-1, 1), drafts], 1)
+        parents = torch.arange(-1, k, device=drafts.device).expand(batch, -1).contiguous()
+        if probs is not None:
+            probs = torch.cat([torch.zeros_like(probs[:, :1]), probs], 1)
+        return cls(tokens, parents, prefix_lengths, probs)
+
+    def attention_mask(self) -> torch.Tensor:
+        """``[B, T, T]`` bool: node i attends to node j (the tree block of the attention mask)."""
+        nodes = self.tokens.shape[1]
+        bits = torch.stack([_bit(j) for j in range(nodes)]).to(self.ancestors.device)
+        return (self.ancestors.unsqueeze(-1) & bits.view(1, 1, -1)) != 0
+
+    def _check(self) -> None:
+        tokens, parents = self.tokens, self.parents
+        for name, value in (("tokens", tokens), ("parents", parents)):
+            if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point():
+                raise ValueError(f"{name}: expected an integer tensor [B, T]")
+        if parents.shape != tokens.shape:
+            raise ValueError(f"parents: expected the shape of tokens {tuple(tokens.shape)}, got {tuple(parents.shape)}")
+        batch, nodes = tokens.shape
+        if not 1 <= nodes <= MAX_NODES:
+            raise ValueError(f"tokens: a tree has 1 to {MAX_NODES} nodes per row, got {nodes}")
+        if self.prefix_lengths.shape != (batch,):
+            raise ValueError(f"prefix_lengths: expected shape [{batch}], got {tuple(self.prefix_lengths.shape)}")
+        if bool((parents[:, 0] != -1).any()):
+            raise ValueError("parents: node 0 is the root, its parent must be -1")
+        index = torch.arange(nodes, device=parents.device).view(1, -1)
+        if bool(((parents[:, 1:] < -1) | (parents[:, 1:] >= index[:, 1:])).any()):
+            raise ValueError("parents: expected every parent before its child (topological order), -1 for none")
+        if self.probs is not None and self.probs.shape[:2] != (batch, nodes):
+            raise ValueError(f"probs: expected [B, T, V] = [{batch}, {nodes}, V], got {tuple(self.probs.shape)}")
+
+
+def _bit(j: int) -> torch.Tensor:
+    """Bit j of an int64 (bit 63 is the sign bit: the value is negative, the bit pattern right)."""
+    return torch.tensor(1 << j if j < 63 else -(1 << 63), dtype=torch.int64)
