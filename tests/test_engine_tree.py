@@ -49,3 +49,46 @@ def test_the_ancestor_mask_holds_64_nodes():
 def test_bad_trees_are_named(tokens, parents, message):
     with pytest.raises(ValueError, match=message):
         DraftTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_one_tree_forward_gives_every_node_the_logits_of_its_own_path(arch):
+    """Each node's logits from one forward over the whole tree (left-padded batch) equal one
+    plain forward over prompt + the path to that node; after commit_path the cache holds the
+    accepted path as a plain sequence."""
+    from draftwise.engine.models import ModelRunner
+    from tiny_models import tiny_model
+
+    model = tiny_model(arch, seed=0)
+    prompts = [[5, 9, 14, 3, 8], [7, 21, 4]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    runner = ModelRunner(model, batch_size=2, capacity=32)
+    runner.prefill(ids[:, :-1], mask[:, :-1])  # the root (each prompt's last token) is not read yet
+    tokens = torch.cat([ids[:, -1:], torch.tensor([[11, 12, 13, 40, 41], [30, 31, -1, 33, 34]])], 1)
+    parents = torch.tensor([[-1, 0, 1, 0, 3, 1], [-1, 0, 1, 0, 3, 0]])
+    tree = DraftTree(tokens, parents, runner.lengths.clone())
+    logits = runner.extend_tree(tree.tokens.clamp(min=0), tree.depth, tree.ancestors)
+
+    def path_to(b, t):
+        nodes = [t]
+        while parents[b, nodes[-1]] >= 0:
+            nodes.append(int(parents[b, nodes[-1]]))
+        return [int(tokens[b, n]) for n in reversed(nodes)]
+
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            for t in range(tokens.shape[1]):
+                if not tree.valid[b, t]:
+                    continue
+                sequence = torch.tensor([prompt[:-1] + path_to(b, t)])
+                want = model(input_ids=sequence).logits[0, -1]
+                torch.testing.assert_close(logits[b, t], want, atol=1e-4, rtol=1e-4)
+    # keep root -> node 1 -> node 2 in row 0, root -> node 5 in row 1; then one more token each
+    runner.cache.commit_path(torch.tensor([[0, 1, 2], [0, 5, 0]]), torch.tensor([3, 2]))
+    after = runner.extend(torch.tensor([[50], [51]]))[:, 0]
+    with torch.no_grad():
+        for b, (prompt, kept, extra) in enumerate(zip(prompts, ([11, 12], [34]), (50, 51))):
+            sequence = torch.tensor([prompt + kept + [extra]])
+            torch.testing.assert_close(after[b], model(input_ids=sequence).logits[0, -1], atol=1e-4, rtol=1e-4)

@@ -303,6 +303,20 @@ class ModelRunner:
         self.cache.advance(tokens.shape[1] if num_valid is None else num_valid)
         return logits
 
+    def extend_tree(self, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+        """Read one token tree per row (a :class:`~draftwise.engine.tree.DraftTree`'s ``tokens``,
+        ``depth`` and ``ancestors``) and return every node's logits ``[B, T, V]``.
+
+        Node t of row b takes slot ``lengths_b + t`` and position ``lengths_b - starts_b +
+        depth[b, t]``; it attends to the row's committed slots and to the nodes whose bit is set in
+        ``ancestors[b, t]`` (padding nodes, with no bit set, to themselves only). Nothing is
+        committed: ``cache.commit_path(path, num_accepted)`` keeps the accepted path (eager only)."""
+        self._check_tokens("tokens", tokens, self.cache.batch_size)
+        if depth.shape != tokens.shape or ancestors.shape != tokens.shape:
+            raise ValueError(f"ModelRunner.extend_tree: `depth` and `ancestors` must have the shape of `tokens` "
+                             f"{tuple(tokens.shape)}")
+        return self._forward(tokens, tree=(depth, ancestors))
+
     def precompile(self) -> None:
         """With ``compile=True``: compile now every graph that ``extend`` can need with this
         cache, so that no compile falls inside a generation: 1 token and several tokens, for one
@@ -333,7 +347,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ internals
 
-    def _forward(self, tokens: torch.Tensor, logits_to_keep: int = 0, compiled: bool = False) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, logits_to_keep: int = 0, compiled: bool = False,
+                 tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         steps = tokens.shape[1]
         kv_length = self.cache.prepare(steps)  # raises before anything is written if a row is full
         cache = self.cache
@@ -346,6 +361,10 @@ class ModelRunner:
             slots = cache.write_slots(steps)[:, 0, :, 0]  # [B, T]: the slots the layers write (one index for all)
             position_ids = (slots - cache.starts[:, None]).clamp_min(0)  # padding queries: position 0
             mask = self._attention_mask(slots, kv_length)
+            if tree is not None:  # positions by depth, and the tree's ancestors instead of the causal pattern
+                depth, ancestors = tree
+                position_ids = (cache.lengths - cache.starts)[:, None] + depth
+                mask = self._tree_mask(slots, kv_length, ancestors)
             if compiled and not tokens.is_inference():
                 tokens = tokens.clone()  # graphs are guarded on it: one kind of tensor whoever calls
             out = call(
@@ -366,6 +385,21 @@ class ModelRunner:
         query = slots[:, :, None]  # [B, T, 1]
         allowed = (s <= query) & ((s >= self.cache.starts[:, None, None]) | (s == query))
         allowed = allowed[:, None]
+        if self.attn_implementation == "sdpa":
+            return allowed
+        zeros = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return zeros.masked_fill(~allowed, torch.finfo(self.dtype).min)
+
+    def _tree_mask(self, slots: torch.Tensor, kv_length: int, ancestors: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, S]: node t sees the row's committed slots, the nodes whose bit is set in
+        ``ancestors[b, t]``, and itself."""
+        s = torch.arange(kv_length, device=self.device).view(1, 1, -1)
+        lengths = self.cache.lengths.view(-1, 1, 1)
+        committed = (s < lengths) & (s >= self.cache.starts.view(-1, 1, 1))
+        node = s - lengths  # [B, 1, S]: which tree node a slot holds (when in [0, T))
+        in_tree = (node >= 0) & (node < ancestors.shape[1])
+        bit = (ancestors.unsqueeze(-1) >> node.clamp(0, 63)) & 1
+        allowed = (committed | (in_tree & (bit != 0)) | (s == slots[:, :, None]))[:, None]
         if self.attn_implementation == "sdpa":
             return allowed
         zeros = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
