@@ -92,3 +92,35 @@ def test_one_tree_forward_gives_every_node_the_logits_of_its_own_path(arch):
         for b, (prompt, kept, extra) in enumerate(zip(prompts, ([11, 12], [34]), (50, 51))):
             sequence = torch.tensor([prompt + kept + [extra]])
             torch.testing.assert_close(after[b], model(input_ids=sequence).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_chains_merge_into_a_trie():
+    root = torch.tensor([1, 2])
+    draft = torch.tensor([[5, 6, 7], [8, 9, -1]])
+    lookup = torch.tensor([[5, 6, 3], [4, -1, -1]])
+    tree = DraftTree.from_chains(root, [draft, lookup], torch.tensor([10, 20]))
+    assert tree.tokens.tolist() == [[1, 5, 6, 7, 3], [2, 8, 9, 4, -1]]
+    assert tree.parents.tolist() == [[-1, 0, 1, 2, 2], [-1, 0, 1, 0, -1]]
+    assert tree.owner.tolist() == [[-1, 0, 0, 0, 1], [-1, 0, 0, 1, -1]]
+    assert tree.valid.tolist() == [[True] * 5, [True, True, True, True, False]]
+    small = DraftTree.from_chains(root, [draft, lookup], torch.tensor([10, 20]), max_nodes=3)
+    assert small.tokens.tolist() == [[1, 5, 6], [2, 8, 9]]
+    with pytest.raises(ValueError, match="max_nodes"):
+        DraftTree.from_chains(root, [draft], torch.tensor([10, 20]), max_nodes=0)
+
+
+def test_a_trie_of_chains_is_verified_along_the_longest_agreeing_branch():
+    """Greedy tree verification of a trie built from two chains accepts along whichever chain
+    agrees with the target longer, even when the first chain is refused at its first token."""
+    from draftwise.kernels.tree import verify_tree_ref
+
+    vocab = 12
+    tree = DraftTree.from_chains(torch.tensor([0]), [torch.tensor([[3, 4]]), torch.tensor([[5, 6, 7]])],
+                                 torch.tensor([0]))
+    nxt = {0: 5, 5: 6, 6: 9}  # the target's argmax after each token
+    logits = torch.zeros(1, tree.tokens.shape[1], vocab)
+    for t, token in enumerate(tree.tokens[0].tolist()):
+        logits[0, t, nxt.get(token, 1)] = 5.0
+    out = verify_tree_ref(tree.tokens, tree.parents, None, logits, temperature=0.0, seed=0)
+    assert out.output_tokens[0].tolist()[:3] == [5, 6, 9] and out.num_accepted.tolist() == [2]
+    assert [int(tree.owner[0, n]) for n in out.path[0, 1:3]] == [1, 1]

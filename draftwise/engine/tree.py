@@ -78,6 +78,44 @@ class DraftTree:
             probs = torch.cat([torch.zeros_like(probs[:, :1]), probs], 1)
         return cls(tokens, parents, prefix_lengths, probs)
 
+    @classmethod
+    def from_chains(cls, root: torch.Tensor, chains: list[torch.Tensor], prefix_lengths: torch.Tensor,
+                    max_nodes: int = MAX_NODES) -> "DraftTree":
+        """Several drafters' one-hot chains (``chains[i]``: ``[B, K_i]``, -1 pads) merged into one
+        trie per row: a prefix two chains share is one path; each node's ``owner`` is the first
+        chain that proposed it. A row keeps at most ``max_nodes`` nodes (the root included), the
+        earlier chains first. Sampled drafts, whose laws differ per drafter, keep their chains."""
+        if not 1 <= max_nodes <= MAX_NODES:
+            raise ValueError(f"max_nodes: expected a value in [1, {MAX_NODES}], got {max_nodes}")
+        batch = root.shape[0]
+        rows = []
+        for b in range(batch):
+            tokens, parents, owner = [int(root[b])], [-1], [-1]
+            children: dict[tuple[int, int], int] = {}
+            for index, chain in enumerate(chains):
+                node = 0
+                for token in chain[b].tolist():
+                    if token < 0:
+                        break
+                    child = children.get((node, token))
+                    if child is None:
+                        if len(tokens) == max_nodes:
+                            break
+                        child = len(tokens)
+                        children[(node, token)] = child
+                        tokens.append(token)
+                        parents.append(node)
+                        owner.append(index)
+                    node = child
+            rows.append((tokens, parents, owner))
+        width = max(len(tokens) for tokens, _, _ in rows)
+
+        def padded(column: int, fill: int) -> torch.Tensor:
+            return torch.tensor([row[column] + [fill] * (width - len(row[column])) for row in rows],
+                                dtype=torch.int64, device=root.device)
+
+        return cls(padded(0, -1), padded(1, -1), prefix_lengths, None, padded(2, -1))
+
     def attention_mask(self) -> torch.Tensor:
         """``[B, T, T]`` bool: node i attends to node j (the tree block of the attention mask)."""
         nodes = self.tokens.shape[1]
