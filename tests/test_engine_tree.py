@@ -124,3 +124,21 @@ def test_a_trie_of_chains_is_verified_along_the_longest_agreeing_branch():
     out = verify_tree_ref(tree.tokens, tree.parents, None, logits, temperature=0.0, seed=0)
     assert out.output_tokens[0].tolist()[:3] == [5, 6, 9] and out.num_accepted.tolist() == [2]
     assert [int(tree.owner[0, n]) for n in out.path[0, 1:3]] == [1, 1]
+
+
+def test_prompt_lookup_branches_come_from_distinct_earlier_matches():
+    from draftwise.engine import PromptLookupDrafter
+    from draftwise.engine.sequence import TokenBuffer
+
+    #        0  1  2  3  4  5  6  7  8  9 10 11 12
+    row = [7, 8, 1, 7, 8, 2, 7, 8, 1, 9, 4, 7, 8]  # "7 8" is followed by 1, 2 and 1 again
+    ids = torch.tensor([row])
+    buffer = TokenBuffer.from_prompt(ids, torch.ones_like(ids), 20)
+    drafter = PromptLookupDrafter(max_ngram=2)
+    branches = drafter.propose_branches(buffer, gamma=3, branches=4)
+    assert branches[0].tolist() == drafter.propose(buffer, 3, None).tokens.tolist() == [[1, 9, 4]]
+    assert [b.tolist() for b in branches[1:]] == [[[2, 7, 8]], [[1, 7, 8]]]
+    tree = DraftTree.from_chains(ids[:, -1], branches, torch.tensor([12]))
+    assert tree.tokens.tolist() == [[8, 1, 9, 4, 2, 7, 8, 7, 8]]  # the shared first token "1" once
+    with pytest.raises(ValueError, match="branches"):
+        drafter.propose_branches(buffer, 3, 0)

@@ -181,6 +181,43 @@ class PromptLookupDrafter:
         usable = usable.long().cumprod(-1).bool()
         return Draft(torch.where(usable, proposal, PAD_TOKEN), None)
 
+    def propose_branches(self, buffer: TokenBuffer, gamma: int, branches: int) -> list[torch.Tensor]:
+        """Up to ``branches`` continuations per row, from the latest distinct earlier occurrences
+        of its last ``max_ngram`` tokens (the branches of a token tree): ``[B, gamma]`` each, -1
+        where a row has fewer matches or a shorter continuation. Branch 0 is :meth:`propose`'s
+        proposal when the longest n-gram matches."""
+        if branches < 1:
+            raise ValueError(f"branches: expected >= 1, got {branches}")
+        tokens, lengths = buffer.tokens, buffer.lengths
+        capacity, n = tokens.shape[1], self.max_ngram
+        steps = torch.arange(gamma, device=tokens.device).view(1, -1)
+        out = []
+        if capacity <= n:
+            return [torch.full((tokens.shape[0], gamma), PAD_TOKEN, dtype=torch.int64, device=tokens.device)]
+        pattern = tokens.gather(1, (lengths.view(-1, 1) - n + torch.arange(n, device=tokens.device)).clamp(min=0))
+        windows = tokens.unfold(1, n, 1)
+        starts = torch.arange(windows.shape[1], device=tokens.device).view(1, -1)
+        match = (windows == pattern.unsqueeze(1)).all(-1)
+        match &= (starts >= buffer.starts.view(-1, 1)) & (starts + n < lengths.view(-1, 1))
+        candidates = torch.where(match, starts + n, -1)  # continuation starts, latest last
+        seen: list[torch.Tensor] = []
+        for _ in range(branches):
+            found = candidates.amax(-1)
+            if bool((found < 0).all()):
+                break
+            candidates = torch.where(candidates == found.view(-1, 1), -1, candidates)
+            columns = found.view(-1, 1) + steps
+            proposal = tokens.gather(1, columns.clamp(0, capacity - 1))
+            usable = ((found.view(-1, 1) >= 0) & (columns < lengths.view(-1, 1))).long().cumprod(-1).bool()
+            proposal = torch.where(usable, proposal, PAD_TOKEN)
+            duplicate = torch.zeros(proposal.shape[0], dtype=torch.bool, device=proposal.device)
+            for earlier in seen:  # the same continuation from another occurrence adds nothing
+                duplicate |= (earlier == proposal).all(-1)
+            proposal = torch.where(duplicate.view(-1, 1), PAD_TOKEN, proposal)
+            seen.append(proposal)
+            out.append(proposal)
+        return out or [torch.full((tokens.shape[0], gamma), PAD_TOKEN, dtype=torch.int64, device=tokens.device)]
+
     def rollback(self, valid: torch.Tensor) -> None:
         pass
 
