@@ -142,3 +142,32 @@ def test_prompt_lookup_branches_come_from_distinct_earlier_matches():
     assert tree.tokens.tolist() == [[8, 1, 9, 4, 2, 7, 8, 7, 8]]  # the shared first token "1" once
     with pytest.raises(ValueError, match="branches"):
         drafter.propose_branches(buffer, 3, 0)
+
+
+def test_a_drafter_keeps_only_its_drafts_that_were_committed():
+    """After a step where another drafter served the row, a draft model's cache keeps its own
+    drafts only as far as they equal the committed tokens: its next proposal is the one a fresh
+    drafter makes on the committed text."""
+    from draftwise.engine import ModelDrafter
+    from draftwise.engine.sampling import Sampling
+    from draftwise.engine.sequence import TokenBuffer
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", layers=1, seed=1)
+    ids = torch.tensor([[5, 9, 14, 3, 8], [7, 21, 4, 30, 2]])
+    mask = torch.ones_like(ids)
+    greedy = Sampling.build(2, torch.device("cpu"), do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=0)
+    buffer = TokenBuffer.from_prompt(ids, mask, 32)
+    buffer.append(torch.tensor([[40], [41]]), torch.tensor([1, 1]))  # the prefill's first token
+    drafter = ModelDrafter(model)
+    drafter.start(buffer, mask, 101)
+    mine = drafter.propose(buffer, 4, greedy).tokens
+    before = buffer.lengths.clone()
+    # row 0 commits the drafter's first two drafts and a token of its own; row 1 other tokens
+    committed = torch.tensor([[int(mine[0, 0]), int(mine[0, 1]), 99], [int(mine[1, 0]) ^ 1, 98, 97]])
+    buffer.append(committed, torch.tensor([3, 3]))
+    drafter.rollback(before + 2, buffer)
+    assert drafter.runner.lengths.tolist() == [int(before[0]) + 2, int(before[1])]
+    fresh = ModelDrafter(model)
+    fresh.start(TokenBuffer.from_prompt(ids, mask, 32), mask, 101)
+    assert torch.equal(drafter.propose(buffer, 3, greedy).tokens, fresh.propose(buffer, 3, greedy).tokens)

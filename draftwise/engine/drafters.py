@@ -54,6 +54,7 @@ class ModelDrafter:
         self.runner: ModelRunner | None = None
         self.vocab: int | None = None  # the target's logits width
         self.unread = None  # (prompts, attention mask) not read yet
+        self.written = None  # (first slot [B], drafted tokens) of the last proposal
 
     @property
     def draft_model(self):
@@ -81,6 +82,7 @@ class ModelDrafter:
         unseen, counts = buffer.tail(self.runner.lengths)
         logits = self.runner.extend(unseen.clamp(min=0), num_valid=counts)
         last = logits[torch.arange(len(counts), device=counts.device), counts - 1]
+        self.written = (self.runner.lengths, [])  # the drafts its cache holds, from that slot on
         tokens, probs = [], []
         drafting = torch.ones_like(counts, dtype=torch.bool)  # rows still drafting
         for i in range(gamma):
@@ -97,6 +99,7 @@ class ModelDrafter:
             if i + 1 == gamma or (self.confidence_threshold > 0 and not bool(drafting.any())):
                 break
             last = self.runner.extend(token.clamp(min=0).view(-1, 1))[:, 0]
+            self.written[1].append(token)
         return Draft(torch.stack(tokens, 1), None if probs[0] is None else torch.stack(probs, 1))
 
     def score(self, buffer: TokenBuffer) -> tuple[list[int], list[int]]:
@@ -131,11 +134,25 @@ class ModelDrafter:
             return logits[:, : self.vocab]
         return torch.nn.functional.pad(logits, (0, self.vocab - width), value=-torch.inf)
 
-    def rollback(self, valid: torch.Tensor) -> None:
-        if self.unread is None:
-            self.runner.rollback(torch.minimum(self.runner.lengths, valid))
+    def rollback(self, valid: torch.Tensor, buffer: TokenBuffer | None = None) -> None:
+        """Keep the cache slots below ``valid`` that hold committed tokens. With the committed
+        ``buffer``, the drafts this drafter wrote are kept exactly as far as they equal the
+        committed tokens: on a row another drafter served, its own drafts are not the tokens
+        that were accepted there."""
+        if self.unread is not None:
+            return
+        keep = torch.minimum(self.runner.lengths, valid)
+        if buffer is not None and self.written is not None and self.written[1]:
+            start, drafts = self.written[0], torch.stack(self.written[1], 1)
+            columns = start.view(-1, 1) + torch.arange(drafts.shape[1], device=start.device)
+            committed = buffer.tokens.gather(1, columns.clamp(max=buffer.capacity - 1))
+            agree = (committed == drafts) & (columns < buffer.lengths.view(-1, 1))
+            keep = torch.minimum(keep, start + agree.long().cumprod(1).sum(1))
+        self.written = None
+        self.runner.rollback(keep)
 
     def select_rows(self, rows: torch.Tensor) -> None:
+        self.written = None
         if self.unread is None:
             self.runner.select_rows(rows)
         else:
@@ -218,7 +235,7 @@ class PromptLookupDrafter:
             out.append(proposal)
         return out or [torch.full((tokens.shape[0], gamma), PAD_TOKEN, dtype=torch.int64, device=tokens.device)]
 
-    def rollback(self, valid: torch.Tensor) -> None:
+    def rollback(self, valid: torch.Tensor, buffer: TokenBuffer | None = None) -> None:
         pass
 
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -271,8 +288,8 @@ class LookupThenModelDrafter:
             probs = torch.where(found[:, None, None], one_hot, probs)
         return Draft(tokens, probs)
 
-    def rollback(self, valid: torch.Tensor) -> None:
-        self.model.rollback(valid)
+    def rollback(self, valid: torch.Tensor, buffer: TokenBuffer | None = None) -> None:
+        self.model.rollback(valid, buffer)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.model.select_rows(rows)

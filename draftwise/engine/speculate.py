@@ -311,8 +311,8 @@ class Decoder:
         # Valid cache slots: the previous tokens plus the accepted drafts (the emitted token is new).
         valid = before + out.num_accepted
         self.target.rollback(torch.minimum(self.target.lengths, valid))
-        for drafter in self.drafters:
-            drafter.rollback(valid)
+        for drafter in self.drafters:  # each keeps what it wrote only as far as it was committed
+            drafter.rollback(valid, buffer)
         return counts, finished
 
     def _retire(self, buffer: TokenBuffer, finished: torch.Tensor) -> None:
