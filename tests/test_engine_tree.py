@@ -171,3 +171,37 @@ def test_a_drafter_keeps_only_its_drafts_that_were_committed():
     fresh = ModelDrafter(model)
     fresh.start(TokenBuffer.from_prompt(ids, mask, 32), mask, 101)
     assert torch.equal(drafter.propose(buffer, 3, greedy).tokens, fresh.propose(buffer, 3, greedy).tokens)
+
+
+def test_a_draft_model_grows_a_dynamic_tree_of_its_likeliest_continuations():
+    """Each node is among the draft's top tokens after its own path (checked with a plain
+    forward), the budget holds, and the draft's likeliest next token hangs under the root."""
+    from draftwise.engine import ModelDrafter
+    from draftwise.engine.sequence import TokenBuffer
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", layers=1, seed=1)
+    ids = torch.tensor([[5, 9, 14, 3, 8], [0, 0, 7, 21, 4]])
+    mask = (torch.arange(5) >= torch.tensor([[0], [2]])).long()
+    buffer = TokenBuffer.from_prompt(ids, mask, 48)
+    drafter = ModelDrafter(model)
+    drafter.start(buffer, mask, 101)
+    buffer.append(torch.tensor([[40], [41]]), torch.tensor([1, 1]))  # the root: the prefill's token
+    tree = drafter.propose_tree(buffer, budget=9, branching=3, max_depth=3)
+    assert tree.valid.sum(1).tolist() == [9, 9] and tree.tokens[:, 0].tolist() == [40, 41]
+    assert torch.equal(drafter.runner.lengths, buffer.lengths)  # the tree itself is not committed
+    prompts = [[5, 9, 14, 3, 8, 40], [7, 21, 4, 41]]
+    with torch.no_grad():
+        for b in range(2):
+            for t in range(1, tree.tokens.shape[1]):
+                path, node = [], int(tree.parents[b, t])
+                while node > 0:
+                    path.insert(0, int(tree.tokens[b, node]))
+                    node = int(tree.parents[b, node])
+                logits = model(input_ids=torch.tensor([prompts[b] + path])).logits[0, -1]
+                assert int(tree.tokens[b, t]) in logits.topk(3).indices.tolist()
+            first = model(input_ids=torch.tensor([prompts[b]])).logits[0, -1].argmax()
+            children = tree.tokens[b][tree.parents[b] == 0].tolist()
+            assert int(first) in children
+    with pytest.raises(ValueError, match="budget"):
+        drafter.propose_tree(buffer, budget=1)

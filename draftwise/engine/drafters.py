@@ -102,6 +102,69 @@ class ModelDrafter:
             self.written[1].append(token)
         return Draft(torch.stack(tokens, 1), None if probs[0] is None else torch.stack(probs, 1))
 
+    def propose_tree(self, buffer: TokenBuffer, budget: int, branching: int = 4, max_depth: int = 6):
+        """A dynamic token tree per row (EAGLE-2's rule): level by level, the ``branching`` nodes of
+        highest cumulative draft log-probability each get their ``branching`` most likely
+        children, one draft forward per level over the whole tree; the tree keeps the ``budget``
+        nodes of highest cumulative log-probability, the root included (a child never scores
+        above its parent, so the kept nodes form a tree). Children are the draft's top tokens,
+        not draws: the tree is deterministic (``probs`` None), which verification handles for
+        greedy and sampled rows alike."""
+        from .tree import MAX_NODES
+
+        if not 2 <= budget <= MAX_NODES or branching < 1 or max_depth < 1:
+            raise ValueError(f"budget: expected 2..{MAX_NODES} nodes, branching and max_depth >= 1; "
+                             f"got {budget}, {branching}, {max_depth}")
+        self._read_prompts()
+        self.written = None
+        unseen, counts = buffer.tail(self.runner.lengths)
+        logits = self.runner.extend(unseen.clamp(min=0), num_valid=counts)
+        batch = len(counts)
+        root = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1)).squeeze(1)
+        rows = [dict(tokens=[int(root[b])], parents=[-1], score=[0.0], frontier=[0]) for b in range(batch)]
+        node_logits = logits[torch.arange(batch, device=counts.device), counts - 1].unsqueeze(1)  # after the root
+        for level in range(max_depth):
+            for b, row in enumerate(rows):
+                candidates = []
+                for node in row["frontier"]:
+                    logp = torch.log_softmax(self._fit_vocab(node_logits[b, node:node + 1]).float(), -1)[0]
+                    top = logp.topk(branching)
+                    candidates += [(row["score"][node] + float(v), node, int(t)) for v, t in zip(top.values, top.indices)]
+                candidates.sort(key=lambda c: -c[0])
+                room = MAX_NODES - len(row["tokens"])
+                row["frontier"] = []
+                for score, parent, token in candidates[: min(branching, room)]:
+                    row["frontier"].append(len(row["tokens"]))
+                    row["tokens"].append(token)
+                    row["parents"].append(parent)
+                    row["score"].append(score)
+            if level == max_depth - 1 or all(len(row["tokens"]) >= budget for row in rows):
+                break
+            tree = self._tree_of(rows, buffer, keep=None)
+            # the draft's logits after every non-root node (the root is already in its cache)
+            node_logits = torch.cat([node_logits[:, :1], self.runner.extend_tree(
+                tree.tokens[:, 1:].clamp(min=0), tree.depth[:, 1:] - 1, tree.ancestors[:, 1:] >> 1)], 1)
+        return self._tree_of(rows, buffer, keep=budget)
+
+    @staticmethod
+    def _tree_of(rows: list[dict], buffer: TokenBuffer, keep: int | None):
+        """The rows' nodes as a DraftTree; with ``keep``, only each row's ``keep`` best-scored."""
+        from .tree import DraftTree
+
+        kept_rows = []
+        for row in rows:
+            order = range(len(row["tokens"]))
+            if keep is not None:
+                best = sorted(order, key=lambda n: (-row["score"][n], n))[:keep]
+                order = sorted(best)  # topological order is index order
+            index = {old: new for new, old in enumerate(order)}
+            kept_rows.append(([row["tokens"][n] for n in order],
+                              [index.get(row["parents"][n], -1) for n in order]))
+        width = max(len(tokens) for tokens, _ in kept_rows)
+        tokens = torch.tensor([t + [-1] * (width - len(t)) for t, _ in kept_rows], device=buffer.tokens.device)
+        parents = torch.tensor([p + [-1] * (width - len(p)) for _, p in kept_rows], device=buffer.tokens.device)
+        return DraftTree(tokens, parents, buffer.lengths - 1)
+
     def score(self, buffer: TokenBuffer) -> tuple[list[int], list[int]]:
         """Read the committed tokens this drafter has not seen, but the last (its next draft
         starts there), and count per row how many of them its greedy prediction got right:
