@@ -154,7 +154,7 @@ class Decoder:
         prompt = buffer.tokens[:, : buffer.prompt_length].clamp(min=0)
         hidden = []
         with self.timer(times), _mean_hidden_state(self.target.model, attention_mask, hidden,
-                                                   getattr(self.policy, "wants_hidden", False)):
+                                                   self.policy.wants_hidden):
             logits = self.target.prefill(prompt, attention_mask, last_only=True)
         with self.timer(times):
             for drafter in self.drafters:
@@ -177,7 +177,7 @@ class Decoder:
         times: list[float] = []
         with self.timer(times):
             draft, draft_seconds = self._draft(buffer, choice)
-            shadows = self._shadow_proposals(buffer, choice) if self.policy.full_information else {}
+            shadows = self._shadow_proposals(buffer) if self.policy.full_information else {}
         with self.timer(times):  # target: the last emitted token, then the drafts
             last = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1))
             logits = self.target.extend(torch.cat([last, draft.tokens.clamp(min=0)], 1))
@@ -216,7 +216,7 @@ class Decoder:
     SHADOW_GAMMA = 4  # tokens a drafter that drafts no row proposes for scoring
     SCORE_EVERY = 4  # steps between the catch-up reads that score an idle draft model
 
-    def _shadow_proposals(self, buffer: TokenBuffer, choice: StepChoice) -> dict[int, tuple[Draft, float]]:
+    def _shadow_proposals(self, buffer: TokenBuffer) -> dict[int, tuple[Draft, float]]:
         """Proposals, for scoring only, of the drafters without a model that no row chose this
         step (prompt lookup: a search in the committed tokens, no forward)."""
         shadows = {}
@@ -235,25 +235,22 @@ class Decoder:
         it must before it drafts again) and comparing its predictions with them."""
         self.steps_done += 1
         proposals = {arm: (draft, None) for arm, draft in self.proposals.items()} | shadows
-        for arm, (draft, seconds) in proposals.items():
-            drafted, accepted = _agreement(draft.tokens, out.output_tokens, emitted)
-            for row, chosen in enumerate(choice.drafter):
-                if chosen == arm:  # the step itself counted these
-                    drafted[row] = accepted[row] = 0
-            width = max(1, draft.tokens.shape[1])
-            self.policy.observe_shadow(arm, drafted, accepted, None if seconds is None else seconds / width)
+        chosen = torch.tensor(choice.drafter, device=emitted.device)
+        counts = [torch.where(chosen == arm, 0, torch.stack(_agreement(draft.tokens, out.output_tokens, emitted)))
+                  for arm, (draft, _) in proposals.items()]  # rows the step itself counted: 0
+        counts = torch.stack(counts).tolist() if counts else []  # one host transfer for every drafter
+        for (arm, (draft, seconds)), (drafted, accepted) in zip(proposals.items(), counts):
+            per_token = None if seconds is None else seconds / max(1, draft.tokens.shape[1])
+            self.policy.observe_shadow(arm, drafted, accepted, per_token)
         idle = [arm for arm, d in enumerate(self.drafters) if arm not in proposals and hasattr(d, "score")]
         if self.steps_done % self.SCORE_EVERY or not idle:
             return
-        # one idle draft model per scoring step, in turn: each is scored every few steps
-        turn = self.steps_done // self.SCORE_EVERY
-        for arm in (idle[turn % len(idle)],):
-            drafter = self.drafters[arm]
-            times: list[float] = []
-            with self.timer(times):
-                drafted, accepted = drafter.score(buffer)
-            self.stats.time_draft += times[0]
-            self.policy.observe_shadow(arm, drafted, accepted, times[0])
+        arm = idle[(self.steps_done // self.SCORE_EVERY) % len(idle)]  # one idle draft model in turn
+        times: list[float] = []
+        with self.timer(times):
+            drafted, accepted = self.drafters[arm].score(buffer)
+        self.stats.time_draft += times[0]
+        self.policy.observe_shadow(arm, drafted, accepted, times[0])
 
     def _record(self, choice: StepChoice, draft: Draft, out: VerifyOutput, emitted: torch.Tensor,
                 draft_seconds: dict[int, float], times: list[float]) -> None:
@@ -335,22 +332,18 @@ class Decoder:
         self.policy.select_rows(keep.tolist())
 
 
-def _agreement(proposal: torch.Tensor, output: torch.Tensor, emitted: torch.Tensor) -> tuple[list[int], list[int]]:
+def _agreement(proposal: torch.Tensor, output: torch.Tensor, emitted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, as a chain step would count them: how many of ``proposal`` lead-match the emitted
     tokens (``accepted``), and ``drafted`` = accepted + 1 where a proposed token was refused.
     Only the emitted tokens are known, so a proposal that matches all of them counts as accepted
-    that far."""
+    that far. Returns ``(drafted [B], accepted [B])`` on the device."""
     width = min(proposal.shape[1], output.shape[1])
-    if width == 0:
-        zeros = [0] * proposal.shape[0]
-        return zeros, list(zeros)
     known = torch.arange(width, device=emitted.device).view(1, -1) < emitted.view(-1, 1)
     proposed = (proposal[:, :width] >= 0) & known
     match = (proposal[:, :width] == output[:, :width]) & proposed
     accepted = match.long().cumprod(1).sum(1)
     refused = (accepted < proposed.sum(1)).long()
-    counts = torch.stack([accepted + refused, accepted]).tolist()
-    return counts[0], counts[1]
+    return accepted + refused, accepted
 
 
 @contextlib.contextmanager
