@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from draftwise.kernels.tree import check_parents, tree_structure
+
 MAX_NODES = 64  # the ancestor mask is one int64 per node
 
 
@@ -49,20 +51,13 @@ class DraftTree:
 
     def __post_init__(self):
         self._check()
-        batch, nodes = self.tokens.shape
-        valid = self.tokens >= 0
-        valid[:, 0] = True
-        depth = torch.zeros_like(self.parents)
+        self.valid, self.depth = tree_structure(self.tokens, self.parents)
         ancestors = torch.zeros_like(self.parents)
         ancestors[:, 0] = 1
-        for t in range(1, nodes):
+        for t in range(1, self.tokens.shape[1]):
             parent = self.parents[:, t].clamp(min=0).view(-1, 1)
-            valid[:, t] &= (self.parents[:, t] >= 0) & valid.gather(1, parent).squeeze(1)
-            depth[:, t] = depth.gather(1, parent).squeeze(1) + 1
             ancestors[:, t] = ancestors.gather(1, parent).squeeze(1) | _bit(t)
-        self.valid = valid
-        self.depth = torch.where(valid, depth, 0)
-        self.ancestors = torch.where(valid, ancestors, 0)
+        self.ancestors = torch.where(self.valid, ancestors, 0)
         self.positions = self.prefix_lengths.view(-1, 1) + self.depth
         if self.owner is None:
             self.owner = torch.full_like(self.tokens, -1)
@@ -123,22 +118,12 @@ class DraftTree:
         return (self.ancestors.unsqueeze(-1) & bits.view(1, 1, -1)) != 0
 
     def _check(self) -> None:
-        tokens, parents = self.tokens, self.parents
-        for name, value in (("tokens", tokens), ("parents", parents)):
-            if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point():
-                raise ValueError(f"{name}: expected an integer tensor [B, T]")
-        if parents.shape != tokens.shape:
-            raise ValueError(f"parents: expected the shape of tokens {tuple(tokens.shape)}, got {tuple(parents.shape)}")
-        batch, nodes = tokens.shape
-        if not 1 <= nodes <= MAX_NODES:
+        check_parents(self.tokens, self.parents)
+        batch, nodes = self.tokens.shape
+        if nodes > MAX_NODES:
             raise ValueError(f"tokens: a tree has 1 to {MAX_NODES} nodes per row, got {nodes}")
         if self.prefix_lengths.shape != (batch,):
             raise ValueError(f"prefix_lengths: expected shape [{batch}], got {tuple(self.prefix_lengths.shape)}")
-        if bool((parents[:, 0] != -1).any()):
-            raise ValueError("parents: node 0 is the root, its parent must be -1")
-        index = torch.arange(nodes, device=parents.device).view(1, -1)
-        if bool(((parents[:, 1:] < -1) | (parents[:, 1:] >= index[:, 1:])).any()):
-            raise ValueError("parents: expected every parent before its child (topological order), -1 for none")
         if self.probs is not None and self.probs.shape[:2] != (batch, nodes):
             raise ValueError(f"probs: expected [B, T, V] = [{batch}, {nodes}, V], got {tuple(self.probs.shape)}")
 

@@ -70,8 +70,7 @@ def verify_tree_ref(tree_tokens: torch.Tensor, parents: torch.Tensor, draft_prob
     temperature, top_k, top_p, seeds = _per_row(batch, device, temperature, top_k, top_p, seed)
     logits = sanitize_logits(target_logits, compute_dtype)
     probs = target_probs(logits, temperature, top_k, top_p)
-    valid = _valid_nodes(tree_tokens, parents, vocab)
-    depth = _depths(parents, valid)
+    valid, depth = tree_structure(tree_tokens, parents, vocab)
     width = int(depth[valid].max()) + 1
     path = torch.full((batch, width), -1, dtype=torch.int64, device=device)
     output = torch.full((batch, width), PAD_TOKEN, dtype=torch.int64, device=device)
@@ -125,41 +124,46 @@ def _walk_row(b, tokens, parents, valid, draft_probs, logits, probs, greedy: boo
 
 
 def _check(tree_tokens, parents, draft_probs, target_logits) -> tuple[int, int, int]:
-    for name, value in (("tree_tokens", tree_tokens), ("parents", parents)):
-        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point():
-            raise ValueError(f"{name}: expected an integer tensor [B, T]")
-    if parents.shape != tree_tokens.shape:
-        raise ValueError(f"parents: expected the shape of tree_tokens {tuple(tree_tokens.shape)}, "
-                         f"got {tuple(parents.shape)}")
+    check_parents(tree_tokens, parents, "tree_tokens")
     batch, nodes = tree_tokens.shape
-    if nodes < 1 or not isinstance(target_logits, torch.Tensor) or target_logits.shape[:2] != (batch, nodes):
+    if not isinstance(target_logits, torch.Tensor) or target_logits.shape[:2] != (batch, nodes):
         raise ValueError(f"target_logits: expected [B, T, V] = [{batch}, {nodes}, V] with T >= 1")
     if draft_probs is not None and draft_probs.shape != target_logits.shape:
         raise ValueError(f"draft_probs: expected the shape of target_logits {tuple(target_logits.shape)}, "
                          f"got {tuple(draft_probs.shape)}")
-    index = torch.arange(nodes, device=parents.device).view(1, -1)
+    return batch, nodes, target_logits.shape[-1]
+
+
+def check_parents(tokens, parents, name: str = "tokens") -> None:
+    """Raise ``ValueError`` unless ``tokens`` and ``parents`` are integer ``[B, T]`` tensors, T >= 1,
+    node 0 the root (parent -1) and every parent before its child."""
+    for argument, value in ((name, tokens), ("parents", parents)):
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_floating_point():
+            raise ValueError(f"{argument}: expected an integer tensor [B, T]")
+    if parents.shape != tokens.shape:
+        raise ValueError(f"parents: expected the shape of {name} {tuple(tokens.shape)}, got {tuple(parents.shape)}")
+    if tokens.shape[1] < 1:
+        raise ValueError(f"{name}: expected at least the root node")
+    index = torch.arange(tokens.shape[1], device=parents.device).view(1, -1)
     if bool((parents[:, 0] != -1).any()):
         raise ValueError("parents: node 0 is the root, its parent must be -1")
     if bool(((parents[:, 1:] < -1) | (parents[:, 1:] >= index[:, 1:])).any()):
         raise ValueError("parents: expected every parent before its child (topological order), -1 for none")
-    return batch, nodes, target_logits.shape[-1]
 
 
-def _valid_nodes(tokens, parents, vocab) -> torch.Tensor:
-    """Nodes with a token in [0, V) whose ancestors are all valid (the root always is)."""
-    valid = (tokens >= 0) & (tokens < vocab) & (parents >= 0)
+def tree_structure(tokens, parents, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(valid, depth)`` per node: valid nodes have a token >= 0 (below ``vocab`` when given)
+    and only valid ancestors (the root always is); invalid nodes get depth 0."""
+    valid = (tokens >= 0) & (parents >= 0)
+    if vocab is not None:
+        valid &= tokens < vocab
     valid[:, 0] = True
-    for t in range(1, tokens.shape[1]):
-        parent = parents[:, t].clamp(min=0)
-        valid[:, t] &= valid.gather(1, parent.view(-1, 1)).squeeze(1)
-    return valid
-
-
-def _depths(parents, valid) -> torch.Tensor:
     depth = torch.zeros_like(parents)
-    for t in range(1, parents.shape[1]):
-        depth[:, t] = depth.gather(1, parents[:, t].clamp(min=0).view(-1, 1)).squeeze(1) + 1
-    return torch.where(valid, depth, 0)
+    for t in range(1, tokens.shape[1]):
+        parent = parents[:, t].clamp(min=0).view(-1, 1)
+        valid[:, t] &= valid.gather(1, parent).squeeze(1)
+        depth[:, t] = depth.gather(1, parent).squeeze(1) + 1
+    return valid, torch.where(valid, depth, 0)
 
 
 def _per_row(batch, device, temperature, top_k, top_p, seed):
