@@ -130,10 +130,13 @@ def batch_measure(target, tokenizer, pool, selector, prompts: list[dict], repeat
     runs = {"target alone": lambda: target.generate(**inputs, **common)}
     for drafter in pool:
         runs[drafter.name] = (lambda d: lambda: draftwise.generate(target, **inputs, assistant_model=d, **common))(drafter)
-    runs["pool: offline selector"] = lambda: draftwise.generate(target, **inputs, drafts=pool,
-                                                                selector=OfflinePolicy(selector), **common)
-    runs["pool: online + selector"] = lambda: draftwise.generate(target, **inputs, drafts=pool,
-                                                                 selector=OnlinePolicy(selector), **common)
+    policies = {"pool: per-step default": lambda: AdaptivePolicy(), "pool: offline selector": lambda: OfflinePolicy(selector),
+                "pool: online + selector": lambda: OnlinePolicy(selector)}
+    for name, make in policies.items():
+        for planned in (True, False):
+            runs[name + ("" if planned else ", row by row")] = (
+                lambda make, planned: lambda: draftwise.generate(
+                    target, **inputs, drafts=pool, selector=_planned(make(), planned), **common))(make, planned)
     seconds = {name: [] for name in runs}
     reference = None
     for _ in range(repeats):
@@ -148,6 +151,12 @@ def batch_measure(target, tokenizer, pool, selector, prompts: list[dict], repeat
     best = {name: min(v) for name, v in seconds.items()}
     return dict(rows=len(prompts), seconds=best,
                 speedup={name: best["target alone"] / t for name, t in best.items()})
+
+
+def _planned(policy, planned: bool):
+    """The policy, with batch steps planned for the batch (the engine's default) or row by row."""
+    policy.plan_batches = planned
+    return policy
 
 
 def table(ratios: dict, names: list[str]) -> str:
@@ -196,12 +205,16 @@ def main() -> None:
     parser.add_argument("--selector", default=str(POOL_SELECTOR))
     parser.add_argument("--sample", action="store_true", help="sample at T = 1 instead of greedy decoding")
     parser.add_argument("--out", default="bench/results/pool_cpu")
+    parser.add_argument("--batch-only", action="store_true",
+                        help="only the batches of mixed prompts (one per kind; chat template, then raw)")
     args = parser.parse_args()
     torch.manual_seed(0)
     target, tokenizer = load_target()
     pool = pool_drafters(target)
     selector = Selector.load(args.selector)
     prompts = evaluation_set(tokenizer, args.per_kind, args.seed)
+    if args.batch_only:
+        return batches_only(target, tokenizer, pool, selector, prompts, args)
     records = measure(target, tokenizer, pool, selector, prompts, args.repeats, args.sample)
     singles = ["target alone"] + [d.name for d in pool]
     with_derived_arms(records, singles)
@@ -234,6 +247,28 @@ def main() -> None:
                  + ", ".join(f"{k} {v:.2f}×" for k, v in batch["speedup"].items() if k != "target alone")]
     if plotted:
         text += ["", f"![speedup by kind]({out.with_suffix('.png').name})"]
+    out.with_suffix(".md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+
+
+def batches_only(target, tokenizer, pool, selector, prompts: list[dict], args) -> None:
+    command = f"python bench/bench_pool.py --batch-only --repeats {args.repeats} --seed {args.seed} --out {args.out}"
+    text = ["# The default pool on batches of mixed prompts (greedy, "
+            f"{NEW_TOKENS} new tokens)", "", f"Command: `{command}`", "",
+            "Speedup over the target alone (Hugging Face `generate` on the same batch), fastest of the repeats; "
+            "every output equals the target's.", ""]
+    results = {}
+    for template in ("chat", "raw"):
+        rows = [next(p for p in prompts if p["kind"] == k and p["template"] == template) for k in KINDS]
+        results[template] = batch_measure(target, tokenizer, pool, selector, rows, max(args.repeats, 2))
+    names = [n for n in results["chat"]["speedup"] if n != "target alone"]
+    text += ["| batch | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for template, batch in results.items():
+        text.append(f"| {batch['rows']} prompts, {template} | "
+                    + " | ".join(f"{batch['speedup'][n]:.2f}×" for n in names) + " |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(command=command, batches=results), indent=1))
     out.with_suffix(".md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
 

@@ -114,29 +114,57 @@ def _trace(drafter, drafted, accepted, draft_seconds, target_seconds, width):
                      target_seconds=target_seconds, width=width)
 
 
-def test_adaptive_policy_stops_drafting_a_row_that_loses_and_tries_again():
-    """Row 0's draft is always accepted, row 1's never: row 1 stops drafting, row 0 goes on, and
-    row 1 tries again after a pause that doubles while it keeps losing."""
-    policy = AdaptivePolicy("adaptive", initial=3, maximum=8)
-    policy.start(1, 2)
+def _simulate(policy: AdaptivePolicy, accepts: list[bool], steps: int = 100) -> list:
+    """Runs ``policy`` on rows whose drafts are always (True) or never (False) accepted, with a
+    target call of 40 ms + 8 ms per drafted token per row and 2 ms per draft forward."""
+    policy.start(1, len(accepts))
     choices = []
-    for _ in range(100):
+    for _ in range(steps):
         choice = policy.choose()
         choices.append(choice)
         gamma = max(choice.gamma)
-        drafted = [g for g in choice.gamma]
-        accepted = [drafted[0], 0]
-        policy.observe(_trace(choice.drafter, drafted, accepted, {0: 0.002 * gamma} if gamma else {},
+        accepted = [g if ok else 0 for g, ok in zip(choice.gamma, accepts)]
+        policy.observe(_trace(choice.drafter, list(choice.gamma), accepted, {0: 0.002 * gamma} if gamma else {},
                               0.040 + 0.008 * gamma, gamma + 1))
-    row0 = [c.drafter[0] for c in choices]
-    row1 = [c.drafter[1] for c in choices]
-    assert all(arm == 0 for arm in row0)
-    assert row1[0] == 0 and row1.count(NO_DRAFT) > 80
-    tries = [i for i, arm in enumerate(row1) if arm == 0 and i > 0]
+    return choices
+
+
+def _tries(arms: list[int]) -> list[int]:
+    """The gaps between the steps that drafted after the first; asserts they grow."""
+    tries = [i for i, arm in enumerate(arms) if arm == 0 and i > 0]
     assert len(tries) >= 3
     gaps = [b - a for a, b in zip(tries, tries[1:])]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0], f"the pause grows: {gaps}"
-    assert choices[-1].gamma[0] > 3, "the winning row's γ grows"
+    return gaps
+
+
+@pytest.mark.parametrize("plan_batches", [False, True])
+def test_adaptive_policy_stops_drafting_where_it_loses_and_tries_again(plan_batches):
+    """A row whose drafts are never accepted stops drafting and tries again after a pause that
+    doubles while it keeps losing: alone, or (row by row) beside a row whose drafts always are.
+    Planned for the batch, a batch where every row loses does the same as a whole."""
+    policy = AdaptivePolicy("adaptive", initial=3, maximum=8)
+    policy.plan_batches = plan_batches
+    rows = [True, False] if not plan_batches else [False, False]
+    choices = _simulate(policy, rows)
+    losing = [c.drafter[1] for c in choices]
+    assert losing[0] == 0 and losing.count(NO_DRAFT) > 80
+    _tries(losing)
+    if not plan_batches:
+        assert all(c.drafter[0] == 0 for c in choices)
+        assert choices[-1].gamma[0] > 3, "the winning row's γ grows"
+    alone = [c.drafter[0] for c in _simulate(AdaptivePolicy("adaptive", initial=3, maximum=8), [False])]
+    assert alone.count(NO_DRAFT) > 80
+    _tries(alone)
+
+
+def test_a_planned_batch_step_lets_losing_rows_ride_on_the_model():
+    """At batch > 1 the step is planned for the batch: while one row's drafts pay, a row whose
+    drafts never do still takes them (the model drafts every row anyway, and the target's call
+    is as wide either way), at the γ that is best for the batch."""
+    choices = _simulate(AdaptivePolicy("adaptive", initial=3, maximum=8), [True, False])
+    assert all(c.drafter == [0, 0] for c in choices)
+    assert choices[-1].gamma[0] == choices[-1].gamma[1] > 3
 
 
 def test_adaptive_policy_constant_schedule_always_drafts():

@@ -148,7 +148,8 @@ class DraftPolicy:
     def observe_shadow(self, drafter: int, drafted: Sequence[int], accepted: Sequence[int],
                        seconds_per_token: float | None = None) -> None:
         """Per row of the batch: of ``drafted`` tokens that ``drafter`` proposed or predicted
-        without drafting the row, ``accepted`` would have been accepted."""
+        without drafting the row, ``accepted`` would have been accepted (``drafted`` < 0: the row
+        took that drafter this step and is counted by :meth:`observe`)."""
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (positions in the current batch), in that order."""
@@ -191,6 +192,8 @@ class _RowArm:
     gamma: int
     drafted: float = 0.0
     accepted: float = 0.0
+    offered: float = 0.0  # steps the drafter was asked to draft the row (counted for drafters without a model)
+    proposed: float = 0.0  # of those, steps it proposed anything (prompt lookup needs a match)
 
     DECAY = 0.9  # weight of the older counts at each new step (about the last 10 steps count)
 
@@ -199,9 +202,18 @@ class _RowArm:
         """The estimated acceptance rate; None before the row has drafted with this drafter."""
         return None if self.drafted == 0 else (self.accepted + 0.5) / (self.drafted + 1)
 
+    @property
+    def proposal_rate(self) -> float:
+        """How often the drafter proposes anything when asked (a weak prior of always)."""
+        return (self.proposed + 1) / (self.offered + 1)
+
     def count(self, drafted: int, accepted: int) -> None:
         self.drafted = self.DECAY * self.drafted + drafted
         self.accepted = self.DECAY * self.accepted + accepted
+
+    def offer(self, proposed: bool) -> None:
+        self.offered = self.DECAY * self.offered + 1
+        self.proposed = self.DECAY * self.proposed + proposed
 
 
 @dataclasses.dataclass
@@ -244,13 +256,80 @@ class AdaptivePolicy(DraftPolicy):
         super().start(num_drafters, batch, context)
         self.with_model = tuple(context.with_model) if context is not None and context.with_model else ()
         self.rows = [_Row([_RowArm(self.initial) for _ in range(num_drafters)]) for _ in range(batch)]
+        self.plan_idle, self.plan_pause, self.plan_trying = 0, self.FIRST_PAUSE, False  # batch planning
 
     # ------------------------------------------------------------------ choosing
 
     def choose(self) -> StepChoice:
+        if self._plans_the_batch():
+            return self._plan_batch()
         arms = [self._choose_row(row) if self.num_drafters else NO_DRAFT for row in self.rows]
         arms = self._one_model_per_step(arms)
         return StepChoice(arms, [0 if a == NO_DRAFT else row.arms[a].gamma for row, a in zip(self.rows, arms)])
+
+    # ------------------------------------------------------------------ batches
+
+    plan_batches = True  # with several rows, plan each step for the batch (below); False: row by row
+
+    def _plans_the_batch(self) -> bool:
+        """Batch planning needs measured costs and an estimate for every arm a row may take (until
+        then rows try their arms one by one, as at batch 1)."""
+        if not (self.plan_batches and self.batch > 1 and self.no_draft and self.num_drafters
+                and self.costs.measured):
+            return False
+        return all(row.arms[i].alpha is not None for row in self.rows for i in self._candidates(row))
+
+    def _plan_batch(self) -> StepChoice:
+        """One target forward verifies every row at the width of the longest draft, and a draft
+        model drafts every row whichever rows take it; so at batch > 1 a row's own rate is the
+        wrong question. The step is planned for the batch: at most one draft model and one draft
+        length γ, every row taking its best arm among that model and the drafters without a model
+        (a row with none of them rides on the step's model: its drafts cost nothing more), chosen
+        to maximise the batch's expected tokens per second, with not drafting at all a plan too.
+        When that plan has won for a while, the best drafting plan is tried again (the text may
+        have changed), after a pause that doubles each time the try loses."""
+        plans = [self._plan(model, gamma) for model in self._plan_models() for gamma in range(1, self.maximum + 1)]
+        plans = [p for p in plans if p is not None]
+        idle_rate = self.batch / self.costs.target_time(0)
+        best = max(plans, key=lambda p: p[0], default=None)
+        self.plan_trying = False
+        if best is not None and best[0] > idle_rate:
+            self.plan_pause = self.FIRST_PAUSE
+        elif best is not None and self.retries and self.plan_idle >= self.plan_pause:
+            self.plan_trying = True
+            self.plan_pause = min(self.LONGEST_PAUSE, 2 * self.plan_pause)
+        else:
+            self.plan_idle += 1
+            return StepChoice([NO_DRAFT] * self.batch, [0] * self.batch)
+        self.plan_idle = 0
+        _, arms, gamma = best
+        return StepChoice(arms, [0 if a == NO_DRAFT else gamma for a in arms])
+
+    def _plan_models(self) -> list[int | None]:
+        """The draft models some row may take, and None (drafters without a model only)."""
+        usable = {i for row in self.rows for i in self._candidates(row)}
+        return [None] + sorted(i for i in usable if self._runs_model(i))
+
+    def _plan(self, model: int | None, gamma: int):
+        """``(expected tokens per second, arm per row, γ)`` of the step where ``model`` (None: no
+        model) and the drafters without a model draft ``gamma`` tokens; None if no row drafts."""
+        free = [i for i in range(self.num_drafters) if not self._runs_model(i)]
+        arms, tokens = [], 0.0
+        for row in self.rows:
+            options = [i for i in self._candidates(row) if i == model or i in free]
+            # a step where the drafter proposes nothing for the row still emits one token
+            expected = {i: 1 + row.arms[i].proposal_rate * (expected_tokens(self._alpha(row.arms[i]), gamma) - 1)
+                        for i in options}
+            arm = max(expected, key=expected.get) if expected else NO_DRAFT
+            tokens += expected[arm] if expected else 1.0
+            arms.append(arm)
+        used = {a for a in arms if a != NO_DRAFT}
+        if not used or (model is not None and model not in used):
+            return None
+        if model is not None:  # riders: rows with no arm of their own take the model's drafts
+            arms = [model if a == NO_DRAFT else a for a in arms]
+        seconds = self.costs.target_time(gamma) + gamma * sum(self.costs.draft_time(a) for a in used)
+        return tokens / seconds, arms, gamma
 
     def _one_model_per_step(self, arms: list[int]) -> list[int]:
         """A draft model drafts every row of the batch whichever rows take it, so a second one in
@@ -301,7 +380,7 @@ class AdaptivePolicy(DraftPolicy):
         """Expected tokens per second of one row on ``arm`` (``NO_DRAFT``: one token per plain
         decode step)."""
         if arm == NO_DRAFT:
-            return 1.0 / self.costs.target_time(0)
+            return 1.0 / self.costs.target_time(0) if self.costs.measured else 0.0
         if alpha is None or not self.costs.measured:
             return float("inf")  # not measured yet: worth trying
         return expected_tokens(alpha, gamma) / (gamma * self.costs.draft_time(arm) + self.costs.target_time(gamma))
@@ -314,6 +393,8 @@ class AdaptivePolicy(DraftPolicy):
             if arm == NO_DRAFT:
                 row.undrafted_steps += 1
                 continue
+            if not self._runs_model(arm):
+                row.arms[arm].offer(drafted > 0)
             if drafted:
                 self._learn(row.arms[arm], arm, drafted, accepted)
             self._after_drafting(row, arm)
@@ -323,8 +404,13 @@ class AdaptivePolicy(DraftPolicy):
         if seconds_per_token is not None:
             self.costs.observe_scoring(drafter, seconds_per_token)
         for row, d, a in zip(self.rows, drafted, accepted):
-            if d:
+            if d >= 0 and not self._runs_model(drafter):
+                row.arms[drafter].offer(d > 0)
+            if d > 0:
                 self._learn(row.arms[drafter], drafter, d, a)
+
+    def _runs_model(self, drafter: int) -> bool:
+        return bool(self.with_model and self.with_model[drafter])
 
     def _learn(self, state: _RowArm, arm: int, drafted: int, accepted: int) -> None:
         state.count(drafted, accepted)

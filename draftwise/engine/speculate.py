@@ -177,6 +177,7 @@ class Decoder:
         times: list[float] = []
         with self.timer(times):
             draft, draft_seconds = self._draft(buffer, choice)
+            draft = draft.truncated(_longest_proposal(draft.tokens))  # no column of padding only
             shadows = self._shadow_proposals(buffer) if self.policy.full_information else {}
         with self.timer(times):  # target: the last emitted token, then the drafts
             last = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1))
@@ -236,8 +237,8 @@ class Decoder:
         self.steps_done += 1
         proposals = {arm: (draft, None) for arm, draft in self.proposals.items()} | shadows
         chosen = torch.tensor(choice.drafter, device=emitted.device)
-        counts = [torch.where(chosen == arm, 0, torch.stack(_agreement(draft.tokens, out.output_tokens, emitted)))
-                  for arm, (draft, _) in proposals.items()]  # rows the step itself counted: 0
+        counts = [torch.where(chosen == arm, -1, torch.stack(_agreement(draft.tokens, out.output_tokens, emitted)))
+                  for arm, (draft, _) in proposals.items()]  # rows the step itself counted: -1
         counts = torch.stack(counts).tolist() if counts else []  # one host transfer for every drafter
         for (arm, (draft, seconds)), (drafted, accepted) in zip(proposals.items(), counts):
             per_token = None if seconds is None else seconds / max(1, draft.tokens.shape[1])
@@ -330,6 +331,14 @@ class Decoder:
             drafter.select_rows(keep)
         self.sampling.select_rows(keep)
         self.policy.select_rows(keep.tolist())
+
+
+def _longest_proposal(tokens: torch.Tensor) -> int:
+    """The most proposals of a row (a row's proposals end at its first padding): prompt lookup
+    without a match, or a drafter that stopped early, would widen the target's call for nothing."""
+    if tokens.shape[1] == 0:
+        return 0
+    return int((tokens >= 0).long().cumprod(1).sum(1).max())
 
 
 def _agreement(proposal: torch.Tensor, output: torch.Tensor, emitted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
