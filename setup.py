@@ -40,7 +40,7 @@ def extensions():
     return [
         Pybind11Extension(
             "draftwise._C",
-            ["csrc/verify_chain.cpp", "csrc/skinny_linear.cpp", "csrc/bindings.cpp"],
+            ["csrc/verify_chain.cpp", "csrc/verify_tree.cpp", "csrc/skinny_linear.cpp", "csrc/bindings.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],

@@ -7,6 +7,7 @@
 
 #include "skinny_linear.h"
 #include "verify_chain.h"
+#include "verify_tree.h"
 
 namespace py = pybind11;
 
@@ -52,6 +53,35 @@ void verify_chain_py(uintptr_t draft_tokens_ptr, uintptr_t draft_probs_ptr, int 
   draftwise::verify_chain(a);
 }
 
+void verify_tree_py(uintptr_t tree_tokens_ptr, uintptr_t parents_ptr, uintptr_t draft_probs_ptr,
+                    int draft_probs_dtype, uintptr_t target_logits_ptr, int target_logits_dtype,
+                    uintptr_t temperature_ptr, uintptr_t top_k_ptr, uintptr_t top_p_ptr,
+                    uintptr_t seeds_ptr, int64_t batch, int64_t num_nodes, int64_t vocab,
+                    uintptr_t path_ptr, uintptr_t output_tokens_ptr, uintptr_t num_accepted_ptr,
+                    uintptr_t max_depth_ptr, int num_threads) {
+  draftwise::TreeArgs a;
+  a.tree_tokens_ptr = pointer<const int64_t>(tree_tokens_ptr);
+  a.parents_ptr = pointer<const int64_t>(parents_ptr);
+  a.draft_probs_ptr = pointer<const void>(draft_probs_ptr);
+  a.draft_probs_dtype = static_cast<draftwise::DType>(draft_probs_dtype);
+  a.target_logits_ptr = pointer<const void>(target_logits_ptr);
+  a.target_logits_dtype = static_cast<draftwise::DType>(target_logits_dtype);
+  a.temperature_ptr = pointer<const float>(temperature_ptr);
+  a.top_k_ptr = pointer<const int64_t>(top_k_ptr);
+  a.top_p_ptr = pointer<const float>(top_p_ptr);
+  a.seeds_ptr = pointer<const int64_t>(seeds_ptr);
+  a.batch = batch;
+  a.num_nodes = num_nodes;
+  a.vocab = vocab;
+  a.num_threads = num_threads;
+  a.path_ptr = pointer<int64_t>(path_ptr);
+  a.output_tokens_ptr = pointer<int64_t>(output_tokens_ptr);
+  a.num_accepted_ptr = pointer<int64_t>(num_accepted_ptr);
+  a.max_depth_ptr = pointer<int64_t>(max_depth_ptr);
+  py::gil_scoped_release release;
+  draftwise::verify_tree(a);
+}
+
 void philox_uniforms_py(int64_t seed, uint32_t c0_start, uint32_t c1, uint32_t c2, int64_t n,
                         uintptr_t out_ptr) {
   py::gil_scoped_release release;
@@ -90,6 +120,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_draft"), py::arg("vocab"), py::arg("lenience_kind"),
         py::arg("lenience_epsilon"), py::arg("output_tokens_ptr"), py::arg("num_accepted_ptr"),
         py::arg("accept_probs_ptr"), py::arg("num_threads"));
+  m.def("verify_tree", &verify_tree_py,
+        "Token-tree verification on contiguous CPU buffers (pointers are addresses, 0 = absent; "
+        "dtype codes as verify_chain's). Writes path, output_tokens [B, T], num_accepted and the "
+        "depth of each row's deepest valid node [B].",
+        py::arg("tree_tokens_ptr"), py::arg("parents_ptr"), py::arg("draft_probs_ptr"),
+        py::arg("draft_probs_dtype"), py::arg("target_logits_ptr"),
+        py::arg("target_logits_dtype"), py::arg("temperature_ptr"), py::arg("top_k_ptr"),
+        py::arg("top_p_ptr"), py::arg("seeds_ptr"), py::arg("batch"), py::arg("num_nodes"),
+        py::arg("vocab"), py::arg("path_ptr"),
+        py::arg("output_tokens_ptr"), py::arg("num_accepted_ptr"), py::arg("max_depth_ptr"),
+        py::arg("num_threads"));
   m.def("philox_uniforms", &philox_uniforms_py,
         "Fill n float32 values u = ((x >> 9) + 0.5) * 2**-23, x = word 0 of Philox4x32-10 at "
         "counter (c0_start + i, c1, c2, 0) keyed by seed, at address out_ptr.",

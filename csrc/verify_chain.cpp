@@ -885,4 +885,96 @@ void verify_chain(const ChainArgs& a) {
   throw std::invalid_argument("target_logits: unsupported dtype code");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Building blocks shared with the tree kernel (declared in verify_chain.h).
+
+namespace {
+
+// f(row) with the buffer read as its element type.
+template <class F>
+auto with_floats(const void* ptr, DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(static_cast<const float*>(ptr));
+    case DType::kFloat64:
+      return f(static_cast<const double*>(ptr));
+    case DType::kFloat16:
+      return f(static_cast<const Half*>(ptr));
+    case DType::kBFloat16:
+      return f(static_cast<const BFloat16*>(ptr));
+  }
+  throw std::invalid_argument("dtype: unsupported dtype code");
+}
+
+PositionStats as_stats(const TargetLaw& law) {
+  PositionStats s;
+  s.max = law.max;
+  s.threshold = law.threshold;
+  s.z = law.z;
+  s.argmax = law.argmax;
+  return s;
+}
+
+}  // namespace
+
+TargetLaw target_law(const void* logits, DType dtype, int64_t vocab, const TargetParams& params) {
+  RowParams rp;
+  rp.greedy = !(params.temperature > 0.0f);
+  rp.temperature = rp.greedy ? 1.0 : double(params.temperature);
+  rp.inv_t = rp.greedy ? 1.0f : 1.0f / params.temperature;
+  rp.top_k = params.top_k;
+  rp.top_p = params.top_p;
+  rp.filtered = !rp.greedy && ((rp.top_k > 0 && rp.top_k < vocab) || rp.top_p < 1.0f);
+  // The chain's steps at one position: chunk statistics, their merge, then the filter.
+  const int64_t chunks = (vocab + kChunk - 1) / kChunk;
+  std::vector<ChunkStats> parts(chunks);
+  std::vector<float> buf(std::min(vocab, kChunk)), vals;
+  const PositionStats s = with_floats(logits, dtype, [&](const auto* row) {
+    for (int64_t c = 0; c < chunks; ++c)
+      parts[c] = chunk_stats(row + c * kChunk, std::min(kChunk, vocab - c * kChunk), c * kChunk,
+                             rp.inv_t, rp.greedy, buf.data());
+    PositionStats merged = merge_chunks(parts.data(), chunks, rp.greedy, rp.temperature);
+    if (rp.filtered) filter_position(row, vocab, rp, merged, vals);
+    return merged;
+  });
+  TargetLaw law;
+  law.greedy = rp.greedy;
+  law.temperature = rp.temperature;
+  law.inv_t = rp.inv_t;
+  law.max = s.max;
+  law.threshold = s.threshold;
+  law.z = s.z;
+  law.argmax = s.argmax;
+  return law;
+}
+
+double target_prob(const void* logits, DType dtype, int64_t x, const TargetLaw& law) {
+  return with_floats(logits, dtype,
+                     [&](const auto* row) { return prob_at(row, x, as_stats(law), law.temperature); });
+}
+
+void target_probs(const void* logits, DType dtype, int64_t vocab, const TargetLaw& law, float* out) {
+  const float inv_z = static_cast<float>(1.0 / law.z);
+  with_floats(logits, dtype, [&](const auto* row) {
+    for (int64_t v = 0; v < vocab; ++v)
+      out[v] = weight(sanitize_logit(to_float(row[v])), law.max, law.inv_t, law.threshold) * inv_z;
+    return 0;
+  });
+}
+
+double draft_prob(const void* probs, DType dtype, int64_t x) {
+  return with_floats(probs, dtype, [&](const auto* row) { return sanitize_prob(to_double(row[x])); });
+}
+
+void draft_probs_row(const void* probs, DType dtype, int64_t vocab, float* out) {
+  with_floats(probs, dtype, [&](const auto* row) {
+    for (int64_t v = 0; v < vocab; ++v) out[v] = sanitize_prob(to_float(row[v]));
+    return 0;
+  });
+}
+
+void philox_race_exponentials(uint64_t seed, uint32_t c1, int64_t n, float* out) {
+  philox_race_noise(seed, 0, c1, n, out);
+}
+
 }  // namespace draftwise

@@ -4,6 +4,7 @@
 // draftwise/kernels/reference.py. All buffers are contiguous, all sizes and offsets 64-bit.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 
 namespace draftwise {
@@ -51,5 +52,46 @@ void verify_chain(const ChainArgs& args);
 // (c0_start + i, c1, c2, 0), i < n, keyed by seed. The kernel draws its noise through this.
 void philox_uniforms(uint64_t seed, uint32_t c0_start, uint32_t c1, uint32_t c2, int64_t n,
                      float* out_ptr);
+
+// ---------------------------------------------------------------------------------------------
+// Building blocks shared with the tree kernel (verify_tree.cpp), so that both compute the target's
+// law, the draft probabilities and the race noise the same way. Float buffers are read through
+// their dtype code; none of these allocate more than O(V) scratch.
+
+// One row's sampling parameters: temperature 0 is greedy; top_k in (0, V) and top_p < 1 filter.
+struct TargetParams {
+  float temperature = 1.0f;
+  int64_t top_k = 0;
+  float top_p = 1.0f;
+};
+
+// The target's law at one position, over the sanitised logits l:
+// p(v) = [l_v >= threshold] exp((l_v - max) / T) / z. Greedy rows get max and argmax only.
+struct TargetLaw {
+  bool greedy = false;
+  double temperature = 1.0;  // T (1 for greedy rows)
+  float inv_t = 1.0f;
+  float max = 0.0f;
+  float threshold = -FLT_MAX;  // keep v iff l_v >= threshold (-FLT_MAX: no filter)
+  double z = 1.0;              // the kept weight
+  int64_t argmax = 0;          // the first index of the max
+};
+
+// The law of one row of logits [V], exactly as the chain kernel computes it at a position.
+TargetLaw target_law(const void* logits, DType dtype, int64_t vocab, const TargetParams& params);
+
+// p(x) in double (the acceptance test's precision).
+double target_prob(const void* logits, DType dtype, int64_t x, const TargetLaw& law);
+
+// p(v) for every v as float32 (the race's precision), into out [V].
+void target_probs(const void* logits, DType dtype, int64_t vocab, const TargetLaw& law, float* out);
+
+// Draft probabilities as the kernels read them: NaN and negative values are 0.
+double draft_prob(const void* probs, DType dtype, int64_t x);
+void draft_probs_row(const void* probs, DType dtype, int64_t vocab, float* out);
+
+// The race's Exp(1) variates E_v = -log(1 - t_v), t_v the race draw of counter (v, c1, race),
+// for v < n.
+void philox_race_exponentials(uint64_t seed, uint32_t c1, int64_t n, float* out);
 
 }  // namespace draftwise

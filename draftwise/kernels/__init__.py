@@ -9,12 +9,14 @@ from .backend import BACKENDS, available_backends, get_implementation, resolve_b
 from .op import op_arguments, verify_chain_op
 from .reference import seeded_uniforms, verify_chain_ref
 from .spec import PAD_TOKEN, ChainInputs, Lenience, Uniforms, VerifyOutput, normalize_inputs
+from .tree import TreeVerifyOutput, verify_tree, verify_tree_ref
 
 __all__ = [
     "BACKENDS",
     "PAD_TOKEN",
     "ChainInputs",
     "Lenience",
+    "TreeVerifyOutput",
     "Uniforms",
     "VerifyOutput",
     "available_backends",
@@ -26,6 +28,8 @@ __all__ = [
     "verify_chain",
     "verify_chain_op",
     "verify_chain_ref",
+    "verify_tree",
+    "verify_tree_ref",
 ]
 
 

@@ -38,6 +38,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .backend import resolve_backend
 from .reference import (
     STREAM_ACCEPT, STREAM_RACE, _race, philox_race_uniform, philox_uniform, sanitize_logits, target_probs,
 )
@@ -181,5 +182,88 @@ def _per_row(batch, device, temperature, top_k, top_p, seed):
         raise ValueError("temperature: expected values >= 0 (0 means greedy)")
     if seed is None:
         seed = torch.randint(0, 2**62, (batch,))
+    elif isinstance(seed, int):  # row b is keyed by seed + b, as in verify_chain
+        seed = seed + torch.arange(batch)
     return (temperature, column(top_k, 0, torch.int64, "top_k"), column(top_p, 1.0, torch.float64, "top_p"),
             column(seed, 0, torch.int64, "seed"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The public op: the same verification on the backend that suits the device.
+
+def verify_tree(tree_tokens: torch.Tensor, parents: torch.Tensor, draft_probs: Optional[torch.Tensor],
+                target_logits: torch.Tensor, *, temperature=1.0, top_k=None, top_p=None, seed=None,
+                backend: Optional[str] = None) -> TreeVerifyOutput:
+    """Verify one token tree per row (see the module docstring) in one fused step.
+
+    Args:
+        tree_tokens: ``[B, T]`` integer ids in topological order, node 0 the root (the last
+            committed token); ids outside ``[0, V)`` pad, and so do the nodes below them.
+        parents: ``[B, T]`` integer, each node's parent (before it), -1 for the root.
+        draft_probs: ``[B, T, V]``, the law each node's token was drawn from, or ``None`` for
+            deterministic (one-hot) nodes.
+        target_logits: ``[B, T, V]``, the target's logits after each node (any float dtype).
+        temperature, top_k, top_p: a scalar or one value per row, as :func:`verify_tree_ref`'s.
+        seed: an int (row b uses ``seed + b``, as in :func:`~draftwise.kernels.verify_chain`) or an
+            int64 ``[B]`` tensor of row seeds; None draws them.
+        backend: "triton", "cpp" or "torch"; None picks the best for the device, like
+            :func:`~draftwise.kernels.verify_chain` (``$DRAFTWISE_BACKEND`` overrides).
+
+    Returns:
+        :class:`TreeVerifyOutput`, the tokens of :func:`verify_tree_ref` for the same seeds.
+    """
+    batch, _, _ = _check(tree_tokens, parents, draft_probs, target_logits)
+    _check_tensors(tree_tokens, parents, draft_probs, target_logits)
+    rows = _per_row(batch, target_logits.device, temperature, top_k, top_p, seed)
+    _check_filters(*rows[1:3])
+    name = resolve_backend(backend, target_logits.device)
+    if batch == 0:
+        empty = torch.empty((0, 1), dtype=torch.int64, device=target_logits.device)
+        return TreeVerifyOutput(empty, empty.clone(), empty.new_empty((0,)))
+    return _implementation(name)(tree_tokens, parents, draft_probs, target_logits, *rows)
+
+
+def trim_outputs(path: torch.Tensor, output_tokens: torch.Tensor, num_accepted: torch.Tensor,
+                 max_depth: torch.Tensor) -> TreeVerifyOutput:
+    """A kernel's ``[B, T]`` outputs cut to the deepest valid node of the batch (one host sync)."""
+    width = int(max_depth.max()) + 1 if max_depth.numel() else 1
+    return TreeVerifyOutput(path[:, :width].contiguous(), output_tokens[:, :width].contiguous(), num_accepted)
+
+
+def _implementation(name: str):
+    """The tree-verification function of backend ``name``, with the signature
+    ``(tree_tokens, parents, draft_probs, target_logits, temperature, top_k, top_p, seeds)``."""
+    if name == "triton":
+        from .tree_triton import verify_tree_triton
+
+        return verify_tree_triton
+    if name == "cpp":
+        from .cpu_tree import verify_tree_cpp
+
+        return verify_tree_cpp
+    return _verify_tree_torch
+
+
+def _verify_tree_torch(tree_tokens, parents, draft_probs, target_logits, temperature, top_k, top_p, seeds):
+    return verify_tree_ref(tree_tokens, parents, draft_probs, target_logits, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seeds, compute_dtype=torch.float32)
+
+
+def _check_tensors(tree_tokens, parents, draft_probs, target_logits) -> None:
+    """Float inputs and one device for all."""
+    if not target_logits.is_floating_point():
+        raise TypeError(f"target_logits: expected a float tensor, got {target_logits.dtype}")
+    if draft_probs is not None and not draft_probs.is_floating_point():
+        raise TypeError(f"draft_probs: expected a float tensor or None, got {draft_probs.dtype}")
+    device = target_logits.device
+    for name, value in (("tree_tokens", tree_tokens), ("parents", parents), ("draft_probs", draft_probs)):
+        if value is not None and value.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (the device of target_logits), got {value.device}")
+
+
+def _check_filters(top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+    bad_k, bad_p = torch.stack([(top_k < 0).any(), ~((top_p > 0) & (top_p <= 1)).all()]).tolist()
+    if bad_k:
+        raise ValueError("top_k: expected values >= 0 (0 or None switches it off), got a negative value")
+    if bad_p:
+        raise ValueError("top_p: expected values in (0, 1] (1 or None switches it off), got a value outside")
