@@ -120,9 +120,13 @@ class SpeculativeEngine:
         batch, width = input_ids.shape
         max_new = settings.max_new_tokens
         gamma_max = max(options["gamma"], MAX_GAMMA)
-        capacity = width + max_new + gamma_max + 2
+        capacity = width + max_new + max(gamma_max, options["tree_budget"]) + 2
         buffer = TokenBuffer.from_prompt(input_ids, attention_mask, capacity)
         processors = settings.processors(self.target, attention_mask)
+        if options["tree_budget"] and processors is not None:
+            raise ValueError("tree_budget: token trees run neither logits processors (repetition_penalty, "
+                             "no_repeat_ngram_size, min_p, ...) nor output_scores / output_logits; "
+                             "pass tree_budget=0 with them")
         config = settings.config
         sampling = Sampling.build(batch, self.device, do_sample=settings.do_sample,
                                   temperature=float(config.temperature), top_k=int(config.top_k or 0),
@@ -155,6 +159,7 @@ class SpeculativeEngine:
             verify=self.verify, sampling=sampling, stop=stop, stats=stats, streamer=streamer,
             measure_accept_probs=settings.return_dict_in_generate,
             lenience_kind=options["lenience_kind"], lenience_epsilon=options["lenience_epsilon"], record=record,
+            tree_budget=options["tree_budget"], tree_gamma=options["gamma"], backend=self.backend,
         )
         with torch.inference_mode():
             generated = decoder.run(buffer, attention_mask)
@@ -206,7 +211,8 @@ def _resolve(model, kwargs: dict, prompt_width: int, device) -> dict:
     """The call's options: Hugging Face's generation settings (see :mod:`.settings`) plus the
     engine's own (draft length and schedule, prompt lookup, seed, lenience, streaming)."""
     kwargs = dict(kwargs)
-    own = {name: kwargs.pop(name, None) for name in ("seed", "lenience", "streamer", "tokenizer", "selector")}
+    own = {name: kwargs.pop(name, None)
+           for name in ("seed", "lenience", "streamer", "tokenizer", "selector", "tree_budget")}
     if own["selector"] is not None and not isinstance(own["selector"], (DraftPolicy, str, os.PathLike)):
         raise TypeError(f"selector: expected a selector folder, 'online' or a draftwise DraftPolicy, "
                         f"got {type(own['selector']).__name__}")
@@ -237,12 +243,27 @@ def _resolve(model, kwargs: dict, prompt_width: int, device) -> dict:
     if stop_strings and own["tokenizer"] is None:
         raise ValueError("stop_strings: pass tokenizer= as well, to decode the generated tokens")
     lenience_kind, lenience_epsilon = _lenience(own["lenience"])
+    tree_budget = _tree_budget(own["tree_budget"], lenience_kind)
     return dict(
+        tree_budget=tree_budget,
         settings=settings, gamma=gamma, schedule=schedule, selector=own["selector"], extra_drafters=extra,
         confidence_threshold=threshold,
         seed=seed, streamer=own["streamer"], stop_strings=tuple(stop_strings), tokenizer=own["tokenizer"],
         lenience_kind=lenience_kind, lenience_epsilon=lenience_epsilon,
     )
+
+
+def _tree_budget(value, lenience_kind) -> int:
+    """``tree_budget=``: 0 (chains) or the most drafted nodes a token tree verifies per step."""
+    from .tree import MAX_NODES
+
+    if value is None or value == 0:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < MAX_NODES:
+        raise ValueError(f"tree_budget: expected an int in [0, {MAX_NODES - 1}] (0: chains), got {value!r}")
+    if lenience_kind != LenienceKind.NONE:
+        raise ValueError("tree_budget: token trees are verified exactly; pass lenience=None")
+    return value
 
 
 def _assemble(input_ids: torch.Tensor, generated: list[torch.Tensor], pad_token_id: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from draftwise.kernels import PAD_TOKEN
 from draftwise.kernels.spec import ChainInputs, LenienceKind, VerifyOutput
+from draftwise.kernels.tree import verify_tree
 
 from .drafters import Draft
 from .models import ModelRunner
@@ -23,6 +24,7 @@ from .policy import NO_DRAFT, DraftPolicy, PolicyContext, StepChoice, StepTrace
 from .sampling import Sampling
 from .sequence import TokenBuffer
 from .stats import SpecStats
+from .tree import DraftTree
 
 VerifyImpl = Callable[[ChainInputs], VerifyOutput]
 
@@ -130,6 +132,9 @@ class Decoder:
     lenience_kind: LenienceKind = LenienceKind.NONE  # lossy acceptance f(p, epsilon); NONE: exact
     lenience_epsilon: float = 1.0
     record: Optional["ScoreRecord"] = None  # output_scores / output_logits
+    tree_budget: int = 0  # > 0: every step verifies a token tree of at most this many drafted nodes
+    tree_gamma: int = 4  # with a tree, each drafter's chain length (a draft model's forwards per step)
+    backend: Optional[str] = None  # the verification kernels' backend
 
     def run(self, buffer: TokenBuffer, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         start = time.perf_counter()
@@ -173,6 +178,8 @@ class Decoder:
         self.stats.time_verify += times[2]
 
     def _step(self, buffer: TokenBuffer) -> None:
+        if self.tree_budget:
+            return self._tree_step(buffer)
         choice = self.policy.choose()
         times: list[float] = []
         with self.timer(times):
@@ -190,6 +197,56 @@ class Decoder:
         if self.policy.full_information:
             self._shadow_feedback(buffer, choice, shadows, out, emitted)
         self._retire(buffer, finished)
+
+    # ------------------------------------------------------------------ token trees
+
+    def _tree_step(self, buffer: TokenBuffer) -> None:
+        """Draft a token tree per row, read every node in one target forward (tree mask), verify
+        the tree, keep the accepted path in the target's cache and commit its tokens."""
+        times: list[float] = []
+        with self.timer(times):
+            tree = self._draft_tree(buffer)
+        with self.timer(times):
+            logits = self.target.extend_tree(tree.tokens.clamp(min=0), tree.depth, tree.ancestors)
+        with self.timer(times):
+            s = self.sampling
+            out = verify_tree(tree.tokens, tree.parents, tree.probs, logits, temperature=s.temperature,
+                              top_k=s.top_k, top_p=s.top_p, seed=s.step_seeds(self.produced), backend=self.backend)
+        path = out.path.clamp(min=0)  # entries past the accepted path: the root, never committed
+        self.target.cache.commit_path(path, out.num_accepted + 1)  # the root and the accepted nodes
+        path_logits = logits.gather(1, path.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        emitted, finished = self._commit(buffer, VerifyOutput(out.output_tokens, out.num_accepted, None),
+                                         path_logits, path_logits)
+        self._record_tree(tree, out.num_accepted, emitted, times)
+        self._retire(buffer, finished)
+
+    def _draft_tree(self, buffer: TokenBuffer) -> DraftTree:
+        """One draft model alone: its dynamic tree (EAGLE-2's rule) under the node budget. Any other
+        set of drafters: their proposals (prompt lookup: each distinct earlier match) merged into a
+        trie, earlier drafters first while the budget lasts."""
+        nodes = self.tree_budget + 1  # the root too
+        if len(self.drafters) == 1 and hasattr(self.drafters[0], "propose_tree"):
+            return self.drafters[0].propose_tree(buffer, nodes)
+        chains = []
+        for drafter in self.drafters:
+            if hasattr(drafter, "propose_branches"):
+                chains += drafter.propose_branches(buffer, min(self.tree_budget, self.max_draft), branches=4)
+            else:
+                chains.append(drafter.propose(buffer, self.tree_gamma, self.sampling).tokens)
+        root = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1)).squeeze(1)
+        return DraftTree.from_chains(root, chains, buffer.lengths - 1, max_nodes=nodes)
+
+    def _record_tree(self, tree: DraftTree, num_accepted: torch.Tensor, emitted: torch.Tensor,
+                     times: list[float]) -> None:
+        per_row = torch.stack([self.rows, tree.valid.sum(1) - 1, num_accepted, emitted]).long()
+        rows, drafted, accepted, counts = per_row.tolist()  # one host transfer
+        self.stats.record_tree_step(drafted, accepted, counts)
+        self.stats.trace.append(StepTrace(rows=rows, drafter=[0] * len(rows), drafted=drafted, accepted=accepted,
+                                          emitted=counts, draft_seconds={0: times[0]}, target_seconds=times[1],
+                                          width=tree.tokens.shape[1]))
+        self.stats.time_draft += times[0]
+        self.stats.time_target += times[1]
+        self.stats.time_verify += times[2]
 
     def _draft(self, buffer: TokenBuffer, choice: StepChoice) -> tuple[Draft, dict[int, float]]:
         """Each chosen drafter drafts (all rows; the rows that chose it keep its proposals, cut

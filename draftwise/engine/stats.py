@@ -31,6 +31,8 @@ class SpecStats:
     time_verify: float = 0.0
     time_total: float = 0.0
     gammas: list[int] = dataclasses.field(default_factory=list)  # draft length of every step
+    tree_steps: int = 0  # steps that verified a token tree (``tree_budget``)
+    tree_nodes: int = 0  # drafted nodes those steps verified, summed over rows
     # every step's StepTrace (per row: drafter, drafted, accepted, emitted); in the total only
     trace: list = dataclasses.field(default_factory=list, repr=False)
     per_draft: dict[str, "SpecStats"] = dataclasses.field(default_factory=dict)
@@ -86,6 +88,18 @@ class SpecStats:
         self.row_steps += len(num_accepted)
         self.gammas.append(gamma)
         return int(sum(drafted_at)), int(sum(accepted_at))
+
+    def record_tree_step(self, drafted: list[int], accepted: list[int], emitted: list[int]) -> None:
+        """Count one token-tree step: per row, the drafted nodes, the accepted depth and the
+        emitted tokens (``alpha`` is then accepted nodes over verified nodes)."""
+        self.tree_steps += 1
+        self.tree_nodes += sum(drafted)
+        self.drafted += sum(drafted)
+        self.accepted += sum(accepted)
+        self.emitted += sum(emitted)
+        self.target_calls += 1
+        self.row_steps += len(drafted)
+        self.gammas.append(max(drafted, default=0))
 
     def _grow(self, size: int) -> None:
         while len(self.drafted_at) < size:
