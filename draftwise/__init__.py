@@ -3,7 +3,7 @@
 The kernels import with torch alone; the engine (which needs transformers) loads on first use.
 """
 
-from .kernels import Lenience, Uniforms, VerifyOutput, verify_chain
+from .kernels import Lenience, TreeVerifyOutput, Uniforms, VerifyOutput, verify_chain, verify_tree
 
 __version__ = "0.1.0"
 
@@ -11,7 +11,8 @@ _ENGINE = ("LookupThenModelDrafter", "ModelDrafter", "OfflinePolicy", "OnlinePol
            "Selector", "SpecStats", "SpeculativeEngine", "UnsupportedSetting", "generate", "load_draft")
 _DEFAULTS = ("load_default", "load_pool")
 
-__all__ = ["Lenience", "Uniforms", "VerifyOutput", "__version__", "verify_chain", *_ENGINE, *_DEFAULTS]
+__all__ = ["Lenience", "TreeVerifyOutput", "Uniforms", "VerifyOutput", "__version__", "verify_chain", "verify_tree",
+           *_ENGINE, *_DEFAULTS]
 
 
 def __getattr__(name: str):

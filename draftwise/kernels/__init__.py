@@ -6,7 +6,7 @@ The leaf layer: nothing here imports from ``draftwise.engine`` or ``draftwise.di
 from __future__ import annotations
 
 from .backend import BACKENDS, available_backends, get_implementation, resolve_backend
-from .op import op_arguments, verify_chain_op
+from .op import op_arguments, verify_chain_op, verify_tree_op
 from .reference import seeded_uniforms, verify_chain_ref
 from .spec import PAD_TOKEN, ChainInputs, Lenience, Uniforms, VerifyOutput, normalize_inputs
 from .tree import TreeVerifyOutput, verify_tree, verify_tree_ref
@@ -29,6 +29,7 @@ __all__ = [
     "verify_chain_op",
     "verify_chain_ref",
     "verify_tree",
+    "verify_tree_op",
     "verify_tree_ref",
 ]
 

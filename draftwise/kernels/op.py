@@ -81,3 +81,56 @@ def op_arguments(inputs: ChainInputs, backend: str) -> tuple:
         inputs.top_k, inputs.top_p, int(inputs.lenience_kind), inputs.lenience_epsilon,
         inputs.seeds, accept, race, inputs.return_accept_probs, backend,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# ``torch.ops.draftwise.verify_tree``
+
+
+@torch.library.custom_op("draftwise::verify_tree", mutates_args=())
+def verify_tree_op(
+    tree_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    target_logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-tree verification (:func:`~draftwise.kernels.verify_tree`) as a custom op: per-row
+    ``[B]`` parameters and seeds, and ``(path, output_tokens, num_accepted)`` at the tree's full
+    width ``[B, T]`` (-1 past each row's path; the width does not depend on the data)."""
+    from .tree import verify_tree
+
+    _tree_op_checks(tree_tokens, parents, draft_probs, target_logits, backend)
+    out = verify_tree(tree_tokens, parents, draft_probs, target_logits, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seeds, backend=backend)
+    pad = tree_tokens.shape[1] - out.path.shape[1]
+    return (torch.nn.functional.pad(out.path, (0, pad), value=-1),
+            torch.nn.functional.pad(out.output_tokens, (0, pad), value=-1), out.num_accepted)
+
+
+@verify_tree_op.register_fake
+def _(tree_tokens, parents, draft_probs, target_logits, temperature, top_k, top_p, seeds, backend):
+    _tree_op_checks(tree_tokens, parents, draft_probs, target_logits, backend, check_device=True)
+    batch, nodes = tree_tokens.shape
+    return (tree_tokens.new_empty((batch, nodes), dtype=torch.int64),
+            tree_tokens.new_empty((batch, nodes), dtype=torch.int64),
+            tree_tokens.new_empty((batch,), dtype=torch.int64))
+
+
+def _tree_op_checks(tree_tokens, parents, draft_probs, target_logits, backend, *, check_device=False) -> None:
+    """Shapes, dtypes and the backend, without reading tensor contents."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    for name, value in (("tree_tokens", tree_tokens), ("parents", parents)):
+        if value.dim() != 2 or value.is_floating_point():
+            raise ValueError(f"{name}: expected an integer tensor [B, T]")
+    if target_logits.dim() != 3 or target_logits.shape[:2] != tree_tokens.shape:
+        raise ValueError(f"target_logits: expected [B, T, V] with [B, T] = {tuple(tree_tokens.shape)}")
+    if draft_probs is not None and draft_probs.shape != target_logits.shape:
+        raise ValueError(f"draft_probs: expected the shape of target_logits {tuple(target_logits.shape)}")
+    if check_device:
+        resolve_backend(backend, target_logits.device)
