@@ -1,4 +1,5 @@
-"""Markdown table from a pytest-benchmark JSON of bench_verify.py: ``python bench/report.py FILE``."""
+"""Markdown table from a pytest-benchmark JSON of bench_verify.py or bench_verify_tree.py:
+``python bench/report.py FILE``."""
 
 from __future__ import annotations
 
@@ -20,20 +21,24 @@ def table(path: str) -> str:
         info = run["extra_info"]
         if info.get("provider") in (None, "copy"):
             continue
-        rows[(info["batch"], info["k"], info["vocab"], info["mode"])][info["provider"]] = (run["stats"], info)
+        size = info["k"] if "k" in info else info["nodes"]  # drafts of a chain, or nodes of a tree
+        rows[(info["batch"], size, info["vocab"], info["mode"])][info["provider"]] = (run["stats"], info)
     providers = sorted({p for row in rows.values() for p in row}, key=["triton", "cpp", "compiled", "torch"].index)
-    head = "| B | K | V | mode | " + " | ".join(f"{p} ms (p20–p80) | {p} GB/s" for p in providers)
+    trees = any("nodes" in info for row in rows.values() for _, info in row.values())
+    head = f"| B | {'T' if trees else 'K'} | V | mode | " + " | ".join(
+        f"{p} ms (p20–p80)" + ("" if trees else f" | {p} GB/s") for p in providers)
     head += " | speed-up vs torch |" if "torch" in providers else " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (batch, k, vocab, mode), row in sorted(rows.items()):
         cells = []
         for provider in providers:
             if provider not in row:
-                cells += ["–", "–"]
+                cells += ["–"] * (1 if trees else 2)
                 continue
             stats, info = row[provider]
-            gbps = f"{info['gbps']:.1f}" + (f" ({100 * info['gbps'] / copy:.0f}%)" if copy else "")
-            cells += [f"{_ms(stats['median'])} ({_ms(info['p20'])}–{_ms(info['p80'])})", gbps]
+            cells.append(f"{_ms(stats['median'])} ({_ms(info['p20'])}–{_ms(info['p80'])})")
+            if not trees:
+                cells.append(f"{info['gbps']:.1f}" + (f" ({100 * info['gbps'] / copy:.0f}%)" if copy else ""))
         fastest = providers[0]
         if "torch" in row and fastest in row and fastest != "torch":
             cells.append(f"{row['torch'][0]['median'] / row[fastest][0]['median']:.1f}×")

@@ -102,3 +102,46 @@ def test_pad_nodes_and_their_children_are_ignored():
     parents = torch.tensor([[-1, 0, 0, 1]])
     out = verify_tree_ref(tokens, parents, None, logits, temperature=0.0, seed=0)
     assert out.path.tolist() == [[0, -1]] and out.output_tokens.tolist() == [[1, -1]]
+
+
+def _two_iid_children(p: torch.Tensor, q: torch.Tensor, rows: int, seed: int):
+    """``rows`` trees of a root with two children drawn i.i.d. from q; the target's law after the
+    root is p (T = 1, so logits = log p)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = p.shape[0]
+    children = torch.multinomial(q, 2 * rows, replacement=True, generator=g).view(rows, 2)
+    tokens = torch.cat([torch.zeros(rows, 1, dtype=torch.int64), children], 1)
+    parents = torch.tensor([-1, 0, 0]).expand(rows, -1)
+    probs = q.expand(rows, 3, vocab).clone()
+    logits = p.log().expand(rows, 3, vocab).clone()
+    return tokens, parents, probs, logits
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_acceptance_at_a_node_is_the_recursive_rules_and_within_the_bound(case):
+    """With two children drawn i.i.d. from q, the chance that one passes is, by the recursive
+    rule, β + (1 − β) Σ min(r, q) with β = Σ min(p, q) and r = norm(max(0, p − q)); no exact rule
+    can pass more often than 1 − max_S [q(S)² − p(S)] (S a prefix of the tokens sorted by p/q)."""
+    from draftwise.kernels import available_backends, verify_tree
+
+    g = torch.Generator().manual_seed(case)
+    vocab = 5
+    p = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * 1.5, 0)
+    q = torch.softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * 1.5, 0)
+    beta = torch.minimum(p, q).sum()
+    r = (p - q).clamp_min(0)
+    r = r / r.sum()
+    analytic = float(beta + (1 - beta) * torch.minimum(r, q).sum())
+    order = (p / q).argsort()
+    bound = 1 - max(float(q[order[:n]].sum() ** 2 - p[order[:n]].sum()) for n in range(vocab + 1))
+    assert analytic <= bound + 1e-12
+
+    backend = "cpp" if "cpp" in available_backends("cpu") else "torch"
+    rows = 40_000 if backend == "cpp" else 4_000
+    tokens, parents, probs, logits = _two_iid_children(p, q, rows, seed=case + 10)
+    out = verify_tree(tokens, parents, probs.float(), logits.float(), temperature=1.0,
+                      seed=torch.arange(rows) + 1000 * case, backend=backend)
+    measured = float((out.num_accepted >= 1).double().mean())
+    sigma = (analytic * (1 - analytic) / rows) ** 0.5
+    assert abs(measured - analytic) < 4 * sigma + 1e-3, f"measured {measured:.4f}, analytic {analytic:.4f}"
+    assert measured <= bound + 4 * sigma
