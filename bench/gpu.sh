@@ -2,10 +2,11 @@
 # The GPU check in one command, for a machine with a CUDA device:
 #   bash bench/gpu.sh
 # runs the kernel test tier on the device (Triton compiled for the GPU, not the interpreter:
-# exactness against the torch reference, the edge cases, the op checks, the tests marked gpu),
-# then every kernel benchmark (bench/bench_verify.py: Triton, the torch reference and its
-# torch.compile, against a device-to-device copy), and writes everything, with the GPU's name
-# and the versions, under bench/results/gpu/. Uses $PY, else .venv/bin/python, else python3;
+# exactness against the torch reference for chains and trees, tree attention, the edge cases,
+# the op checks, the tests marked gpu), then every kernel benchmark (bench/bench_verify.py:
+# Triton, the torch reference and its torch.compile, against a device-to-device copy;
+# bench/bench_verify_tree.py; bench/bench_tree_attention.py against SDPA with a mask), and
+# writes everything, with the GPU's name and the versions, under bench/results/gpu/. Uses $PY, else .venv/bin/python, else python3;
 # that interpreter needs a CUDA build of torch, triton and the package (pip install -e .[test]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,9 +37,15 @@ PYEOF
 
 status=0
 "$PY" -m pytest -q -p no:cacheprovider tests/test_verify_triton.py tests/test_verify_exact.py \
+    tests/test_verify_tree.py tests/test_verify_tree_backends.py tests/test_tree_attention.py \
     tests/test_edge_cases.py tests/test_op_checks.py tests/test_custom_op.py 2>&1 | tee "$OUT/tests.txt" || status=1
 "$PY" -m pytest -q -p no:cacheprovider bench/bench_verify.py --benchmark-only \
     --benchmark-json="$OUT/verify.json" 2>&1 | tail -5 | tee "$OUT/bench.txt" || status=1
-[ -f "$OUT/verify.json" ] && "$PY" bench/report.py "$OUT/verify.json" | tee "$OUT/verify.md"
+"$PY" -m pytest -q -p no:cacheprovider bench/bench_verify_tree.py --benchmark-only \
+    --benchmark-json="$OUT/verify_tree.json" 2>&1 | tail -5 | tee -a "$OUT/bench.txt" || status=1
+"$PY" bench/bench_tree_attention.py --out "$OUT/tree_attention.json" 2>&1 | tee "$OUT/tree_attention.txt" || status=1
+for name in verify verify_tree; do
+    [ -f "$OUT/$name.json" ] && "$PY" bench/report.py "$OUT/$name.json" | tee "$OUT/$name.md"
+done
 echo "bench/gpu.sh: results in $OUT (exit $status)"
 exit $status

@@ -10,6 +10,7 @@ from .op import op_arguments, verify_chain_op, verify_tree_op
 from .reference import seeded_uniforms, verify_chain_ref
 from .spec import PAD_TOKEN, ChainInputs, Lenience, Uniforms, VerifyOutput, normalize_inputs
 from .tree import TreeVerifyOutput, verify_tree, verify_tree_ref
+from .tree_attention import tree_attention, tree_attention_ref
 
 __all__ = [
     "BACKENDS",
@@ -25,6 +26,8 @@ __all__ = [
     "op_arguments",
     "resolve_backend",
     "seeded_uniforms",
+    "tree_attention",
+    "tree_attention_ref",
     "verify_chain",
     "verify_chain_op",
     "verify_chain_ref",
