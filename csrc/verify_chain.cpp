@@ -839,20 +839,24 @@ void check_args(const ChainArgs& a) {
     throw std::invalid_argument("lenience_kind: expected 0 (none), 1 (linear), 2 (square) or 3 (power)");
   if (!(a.lenience_epsilon > 0.0 && a.lenience_epsilon <= 1.0))
     throw std::invalid_argument("lenience_epsilon: expected a float in (0, 1]");
-  for (int64_t b = 0; b < a.batch; ++b) {
-    if (!(a.temperature_ptr[b] >= 0.0f))
+  check_sampling_rows(a.temperature_ptr, a.top_k_ptr, a.top_p_ptr, a.batch);
+}
+
+}  // namespace
+
+void check_sampling_rows(const float* temperature, const int64_t* top_k, const float* top_p, int64_t batch) {
+  for (int64_t b = 0; b < batch; ++b) {
+    if (!(temperature[b] >= 0.0f))
       throw std::invalid_argument(
           "temperature: expected values >= 0 (0 means greedy), got a negative or NaN value");
-    if (a.top_k_ptr[b] < 0)
+    if (top_k[b] < 0)
       throw std::invalid_argument(
           "top_k: expected values >= 0 (0 or None switches it off), got a negative value");
-    if (!(a.top_p_ptr[b] > 0.0f && a.top_p_ptr[b] <= 1.0f))
+    if (!(top_p[b] > 0.0f && top_p[b] <= 1.0f))
       throw std::invalid_argument(
           "top_p: expected values in (0, 1] (1 or None switches it off), got a value outside");
   }
 }
-
-}  // namespace
 
 void philox_uniforms(uint64_t seed, uint32_t c0_start, uint32_t c1, uint32_t c2, int64_t n,
                      float* out_ptr) {

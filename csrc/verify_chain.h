@@ -94,4 +94,8 @@ void draft_probs_row(const void* probs, DType dtype, int64_t vocab, float* out);
 // for v < n.
 void philox_race_exponentials(uint64_t seed, uint32_t c1, int64_t n, float* out);
 
+// Per-row sampling values of a batch: temperature >= 0, top_k >= 0, top_p in (0, 1]; throws
+// std::invalid_argument with spec.py's message for the first that is not.
+void check_sampling_rows(const float* temperature, const int64_t* top_k, const float* top_p, int64_t batch);
+
 }  // namespace draftwise

@@ -215,16 +215,8 @@ void check_args(const TreeArgs& a) {
       if (parents[t] < -1 || parents[t] >= t)
         throw std::invalid_argument(
             "parents: expected every parent before its child (topological order), -1 for none");
-    if (!(a.temperature_ptr[b] >= 0.0f))
-      throw std::invalid_argument(
-          "temperature: expected values >= 0 (0 means greedy), got a negative or NaN value");
-    if (a.top_k_ptr[b] < 0)
-      throw std::invalid_argument(
-          "top_k: expected values >= 0 (0 or None switches it off), got a negative value");
-    if (!(a.top_p_ptr[b] > 0.0f && a.top_p_ptr[b] <= 1.0f))
-      throw std::invalid_argument(
-          "top_p: expected values in (0, 1] (1 or None switches it off), got a value outside");
   }
+  check_sampling_rows(a.temperature_ptr, a.top_k_ptr, a.top_p_ptr, a.batch);
 }
 
 }  // namespace

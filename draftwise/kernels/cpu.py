@@ -47,6 +47,21 @@ def _address(x: Optional[torch.Tensor]) -> int:
     return 0 if x is None else x.data_ptr()
 
 
+def _law_pointers(logits, probs, temperature, top_k, top_p, seeds) -> dict:
+    """The arguments every C++ verification takes for the laws and the noise, from buffers the
+    caller keeps alive through the call."""
+    return dict(
+        draft_probs_ptr=_address(probs),
+        draft_probs_dtype=DTYPE_CODES[probs.dtype] if probs is not None else 0,
+        target_logits_ptr=_address(logits),
+        target_logits_dtype=DTYPE_CODES[logits.dtype],
+        temperature_ptr=_address(temperature),
+        top_k_ptr=_address(top_k),
+        top_p_ptr=_address(top_p),
+        seeds_ptr=_address(seeds),
+    )
+
+
 def verify_chain_cpp(inp: ChainInputs, num_threads: Optional[int] = None) -> VerifyOutput:
     """Chain verification of a validated batch on CPU tensors (see :mod:`draftwise.kernels.spec`)."""
     ext = _extension()
@@ -72,14 +87,7 @@ def verify_chain_cpp(inp: ChainInputs, num_threads: Optional[int] = None) -> Ver
     accept_probs = torch.empty(batch, k, dtype=torch.float32) if inp.return_accept_probs else None
     ext.verify_chain(
         draft_tokens_ptr=_address(tokens),
-        draft_probs_ptr=_address(probs),
-        draft_probs_dtype=DTYPE_CODES[probs.dtype] if probs is not None else 0,
-        target_logits_ptr=_address(logits),
-        target_logits_dtype=DTYPE_CODES[logits.dtype],
-        temperature_ptr=_address(temperature),
-        top_k_ptr=_address(top_k),
-        top_p_ptr=_address(top_p),
-        seeds_ptr=_address(seeds),
+        **_law_pointers(logits, probs, temperature, top_k, top_p, seeds),
         accept_uniforms_ptr=_address(accept_u),
         accept_uniforms_dtype=DTYPE_CODES[accept_u.dtype] if accept_u is not None else 0,
         race_uniforms_ptr=_address(race_u),

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .cpu import DTYPE_CODES, FLOAT32, FLOAT_DTYPES, INT64, _address, _buffer, _extension
+from .cpu import FLOAT32, FLOAT_DTYPES, INT64, _address, _buffer, _extension, _law_pointers
 from .tree import TreeVerifyOutput, trim_outputs
 
 
@@ -43,14 +43,7 @@ def verify_tree_cpp(
     ext.verify_tree(
         tree_tokens_ptr=_address(tokens),
         parents_ptr=_address(parents),
-        draft_probs_ptr=_address(probs),
-        draft_probs_dtype=DTYPE_CODES[probs.dtype] if probs is not None else 0,
-        target_logits_ptr=_address(logits),
-        target_logits_dtype=DTYPE_CODES[logits.dtype],
-        temperature_ptr=_address(temperature),
-        top_k_ptr=_address(top_k),
-        top_p_ptr=_address(top_p),
-        seeds_ptr=_address(seeds),
+        **_law_pointers(logits, probs, temperature, top_k, top_p, seeds),
         batch=batch,
         num_nodes=nodes,
         vocab=vocab,

@@ -28,16 +28,13 @@ import triton.language as tl
 
 from .tree import TreeVerifyOutput, trim_outputs
 from .verify import (
-    _contiguous_last, _key, _logits, _mass_above, _probs, _race_exponential, _race_key, _readable_float,
-    _threshold, philox_uniform, philox_word,
+    _contiguous_last, _filtered, _logits, _max_sum_argmax, _probs, _race_exponential, _race_key, _readable_float,
+    philox_uniform, philox_word,
 )
 
 # Tuning knobs: vocabulary tile per loop step, and the tile of the top-k / top-p threshold search.
 BLOCK_V = 2048
 FILTER_BLOCK_V = 512
-
-_NO_KEY = tl.constexpr(-2139095040)  # _key(-FLOAT32_MAX): an empty threshold search
-
 
 @triton.jit
 def _deepest_valid(own, par, nodes, num_nodes):
@@ -60,33 +57,11 @@ def _target_law(row_ptr, vocab, t, k, top_p, greedy, FILTER: tl.constexpr, BLOCK
                 FILTER_BLOCK_V: tl.constexpr):
     """``(max, kept weight s, first argmax, threshold)`` of one logits row: p(v) = [l >= threshold]
     exp((l - max) / t) / s, as the chain's statistics kernel computes it."""
-    offs = tl.arange(0, BLOCK_V)
-    m = tl.full([], -float("inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)  # per lane, relative to the running max m
-    lane_max = tl.full([BLOCK_V], -float("inf"), tl.float32)
-    lane_arg = tl.zeros([BLOCK_V], tl.int32)
-    for v0 in range(0, vocab, BLOCK_V):
-        mask = v0 + offs < vocab
-        l = tl.where(mask, _logits(row_ptr + v0 + offs, mask), -float("inf"))
-        new_m = tl.maximum(m, tl.max(l, 0))
-        s = s * tl.exp((m - new_m) / t) + tl.exp((l - new_m) / t)
-        lane_arg = tl.where(l > lane_max, v0 + offs, lane_arg)
-        lane_max = tl.maximum(lane_max, l)
-        m = new_m
-    s = tl.sum(s, 0)
-    arg = tl.min(tl.where(lane_max == m, lane_arg, vocab), 0)
+    m, s, arg = _max_sum_argmax(row_ptr, 0, vocab, vocab, t, BLOCK_V)
     threshold = tl.full([], -float("inf"), tl.float32)
     if FILTER:  # greedy rows skip the searches (empty key ranges)
-        use_k = (k > 0) & (k < vocab) & ~greedy
-        hi = tl.where(use_k, _key(m), _NO_KEY)
-        threshold = _threshold(row_ptr, vocab, hi, k.to(tl.float32), -float("inf"), m, t, False, FILTER_BLOCK_V)
-        threshold = tl.where(use_k, threshold, -float("inf"))
-        use_p = (top_p < 1.0) & ~greedy
-        total = _mass_above(row_ptr, vocab, -float("inf"), threshold, m, t, BLOCK_V)
-        hi = tl.where(use_p, _key(m), _NO_KEY)
-        threshold_p = _threshold(row_ptr, vocab, hi, top_p * total, threshold, m, t, True, FILTER_BLOCK_V)
-        threshold = tl.where(use_p, tl.maximum(threshold, threshold_p), threshold)
-        s = _mass_above(row_ptr, vocab, -float("inf"), threshold, m, t, BLOCK_V)
+        threshold, s = _filtered(row_ptr, vocab, m, t, k, top_p, (k > 0) & (k < vocab) & ~greedy,
+                                 (top_p < 1.0) & ~greedy, BLOCK_V, FILTER_BLOCK_V)
     return m, s, arg, threshold
 
 

@@ -168,6 +168,41 @@ def _race_key(score, index, vocab):
     return tl.where(best >= 0, key, -1)
 
 
+@triton.jit
+def _max_sum_argmax(row_ptr, start, end, vocab, t, BLOCK_V: tl.constexpr):
+    """One pass over logits ``[start, end)`` of a row: the max m, Σ exp((l − m) / t) (an online
+    softmax sum, rescaled as the max grows) and the first index of the max (``vocab`` if empty)."""
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([], -float("inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)  # per lane, relative to the running scalar max m
+    lane_max = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    lane_arg = tl.zeros([BLOCK_V], tl.int32)  # first index of each lane's max
+    for v0 in range(start, end, BLOCK_V):
+        mask = v0 + offs < end
+        l = tl.where(mask, _logits(row_ptr + v0 + offs, mask), -float("inf"))
+        new_m = tl.maximum(m, tl.max(l, 0))
+        s = s * tl.exp((m - new_m) / t) + tl.exp((l - new_m) / t)
+        lane_arg = tl.where(l > lane_max, v0 + offs, lane_arg)
+        lane_max = tl.maximum(lane_max, l)
+        m = new_m
+    return m, tl.sum(s, 0), tl.min(tl.where(lane_max == m, lane_arg, vocab), 0)
+
+
+@triton.jit
+def _filtered(row_ptr, vocab, m, t, k, top_p, use_k, use_p, BLOCK_V: tl.constexpr, FILTER_BLOCK_V: tl.constexpr):
+    """Top-k, then top-p of what top-k kept, on one row of max m: the threshold (a token is kept
+    iff its logit is >= it; -inf keeps all) and the kept weight Σ exp((l − m) / t)."""
+    no_key = -2139095040  # _key(-FLOAT32_MAX): an empty search
+    hi = tl.where(use_k, _key(m), no_key)
+    threshold = _threshold(row_ptr, vocab, hi, k.to(tl.float32), -float("inf"), m, t, False, FILTER_BLOCK_V)
+    threshold = tl.where(use_k, threshold, -float("inf"))
+    total = _mass_above(row_ptr, vocab, -float("inf"), threshold, m, t, BLOCK_V)
+    hi = tl.where(use_p, _key(m), no_key)
+    threshold_p = _threshold(row_ptr, vocab, hi, top_p * total, threshold, m, t, True, FILTER_BLOCK_V)
+    threshold = tl.where(use_p, tl.maximum(threshold, threshold_p), threshold)
+    return threshold, _mass_above(row_ptr, vocab, -float("inf"), threshold, m, t, BLOCK_V)
+
+
 @triton.jit(do_not_specialize=["num_positions"])
 def _chain_stats_kernel(
     logits_ptr,  # [B, K+1, V] float (any), unit stride along V
@@ -207,37 +242,14 @@ def _chain_stats_kernel(
         tl.store(accept_probs_ptr + b * (num_positions - 1) + i, tl.zeros([BLOCK_K], tl.float32),
                  mask=i < (num_positions - 1) * first)
 
-    offs = tl.arange(0, BLOCK_V)
     start = c * chunk
-    end = tl.minimum(start + chunk, vocab)
-    m = tl.full([], -float("inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)  # per lane, relative to the running scalar max m
-    lane_max = tl.full([BLOCK_V], -float("inf"), tl.float32)
-    lane_arg = tl.zeros([BLOCK_V], tl.int32)  # first index of each lane's max
-    for v0 in range(start, end, BLOCK_V):
-        mask = v0 + offs < end
-        l = tl.where(mask, _logits(row_ptr + v0 + offs, mask), -float("inf"))
-        new_m = tl.maximum(m, tl.max(l, 0))
-        s = s * tl.exp((m - new_m) / t) + tl.exp((l - new_m) / t)
-        lane_arg = tl.where(l > lane_max, v0 + offs, lane_arg)
-        lane_max = tl.maximum(lane_max, l)
-        m = new_m
-    s = tl.sum(s, 0)
-    arg = tl.min(tl.where(lane_max == m, lane_arg, vocab), 0)
+    m, s, arg = _max_sum_argmax(row_ptr, start, tl.minimum(start + chunk, vocab), vocab, t, BLOCK_V)
 
     if FILTER:
         k = tl.load(top_k_ptr + b)
         top_p = tl.load(top_p_ptr + b)
-        use_k = (k > 0) & (k < vocab)
-        hi = tl.where(use_k, _key(m), -2139095040)
-        threshold = _threshold(row_ptr, vocab, hi, k.to(tl.float32), -float("inf"), m, t, False, FILTER_BLOCK_V)
-        threshold = tl.where(use_k, threshold, -float("inf"))
-        use_p = top_p < 1.0
-        total = _mass_above(row_ptr, vocab, -float("inf"), threshold, m, t, BLOCK_V)
-        hi = tl.where(use_p, _key(m), -2139095040)
-        threshold_p = _threshold(row_ptr, vocab, hi, top_p * total, threshold, m, t, True, FILTER_BLOCK_V)
-        threshold = tl.where(use_p, tl.maximum(threshold, threshold_p), threshold)
-        s = _mass_above(row_ptr, vocab, -float("inf"), threshold, m, t, BLOCK_V)
+        threshold, s = _filtered(row_ptr, vocab, m, t, k, top_p, (k > 0) & (k < vocab), top_p < 1.0,
+                                 BLOCK_V, FILTER_BLOCK_V)
         tl.store(threshold_ptr + rp, threshold)
 
     n_chunks = tl.num_programs(1)
