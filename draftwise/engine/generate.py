@@ -11,7 +11,6 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from draftwise.kernels import Lenience, get_implementation, resolve_backend
-from draftwise.kernels.spec import LenienceKind
 
 from .draft_model import check_draft_placement, load_draft
 from .drafters import LookupThenModelDrafter, ModelDrafter, PromptLookupDrafter
@@ -27,6 +26,24 @@ from .stats import SpecStats
 
 DEFAULT_GAMMA = 3
 MAX_GAMMA = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class CallOptions:
+    """One call's options, resolved once: Hugging Face's settings and the engine's own."""
+
+    settings: GenerationSettings
+    gamma: int  # the draft length to start from (fixed with the "constant" schedule)
+    schedule: str  # "constant", "heuristic" or "adaptive"
+    selector: object  # selector= as given (None, a folder, "online" or a DraftPolicy)
+    extra_drafters: tuple  # drafters the call's settings add (prompt lookup)
+    confidence_threshold: float
+    seed: int
+    streamer: object
+    stop_strings: tuple[str, ...]
+    tokenizer: object
+    lenience: Optional[Lenience]  # None: exact
+    tree_budget: int  # 0: chains
 
 
 @dataclasses.dataclass
@@ -114,39 +131,39 @@ class SpeculativeEngine:
         """See :func:`draftwise.generate`."""
         input_ids, attention_mask = _check_inputs(input_ids, attention_mask, self.device)
         options = _resolve(self.target, kwargs, input_ids.shape[1], self.device)
-        settings: GenerationSettings = options["settings"]
+        settings = options.settings
         prompts = input_ids
         input_ids, attention_mask = expand_for_sequences(input_ids, attention_mask, settings.num_return_sequences)
         batch, width = input_ids.shape
         max_new = settings.max_new_tokens
-        gamma_max = max(options["gamma"], MAX_GAMMA)
-        capacity = width + max_new + max(gamma_max, options["tree_budget"]) + 2
+        gamma_max = max(options.gamma, MAX_GAMMA)
+        capacity = width + max_new + max(gamma_max, options.tree_budget) + 2
         buffer = TokenBuffer.from_prompt(input_ids, attention_mask, capacity)
         processors = settings.processors(self.target, attention_mask)
-        if options["tree_budget"] and processors is not None:
+        if options.tree_budget and processors is not None:
             raise ValueError("tree_budget: token trees run neither logits processors (repetition_penalty, "
                              "no_repeat_ngram_size, min_p, ...) nor output_scores / output_logits; "
                              "pass tree_budget=0 with them")
         config = settings.config
         sampling = Sampling.build(batch, self.device, do_sample=settings.do_sample,
                                   temperature=float(config.temperature), top_k=int(config.top_k or 0),
-                                  top_p=float(config.top_p), seed=options["seed"],
+                                  top_p=float(config.top_p), seed=options.seed,
                                   processing=None if processors is None else ScoreProcessing(processors, input_ids))
         eos = settings.eos_token_ids
         stop = StopCriteria(
             max_new_tokens=max_new,
             eos_token_ids=None if eos is None else torch.tensor(eos, device=self.device).view(-1),
-            stop_strings=options["stop_strings"], tokenizer=options["tokenizer"] or self.tokenizer,
+            stop_strings=options.stop_strings, tokenizer=options.tokenizer or self.tokenizer,
         )
         for drafter, owned in zip(self.drafters, self.owned):
             if owned:
-                drafter.confidence_threshold = options["confidence_threshold"]
-        drafters = list(self.drafters) + options["extra_drafters"]
-        adaptive = dict(schedule=options["schedule"], initial=options["gamma"], maximum=gamma_max)
-        policy = resolve_selector(options["selector"], drafters, self.target, **adaptive) or AdaptivePolicy(**adaptive)
+                drafter.confidence_threshold = options.confidence_threshold
+        drafters = list(self.drafters) + list(options.extra_drafters)
+        adaptive = dict(schedule=options.schedule, initial=options.gamma, maximum=gamma_max)
+        policy = resolve_selector(options.selector, drafters, self.target, **adaptive) or AdaptivePolicy(**adaptive)
         policy.check_pool([d.name for d in drafters], self.target)
         stats = SpecStats()
-        streamer = options["streamer"]
+        streamer = options.streamer
         if streamer is not None:
             if batch != 1:
                 raise ValueError(f"streamer: streaming needs a batch of 1, got {batch} rows")
@@ -158,8 +175,8 @@ class SpeculativeEngine:
             target=self._runner(batch, capacity), drafters=drafters, policy=policy, max_draft=gamma_max,
             verify=self.verify, sampling=sampling, stop=stop, stats=stats, streamer=streamer,
             measure_accept_probs=settings.return_dict_in_generate,
-            lenience_kind=options["lenience_kind"], lenience_epsilon=options["lenience_epsilon"], record=record,
-            tree_budget=options["tree_budget"], tree_gamma=options["gamma"], backend=self.backend,
+            lenience=options.lenience, record=record, tree_budget=options.tree_budget, tree_gamma=options.gamma,
+            backend=self.backend,
         )
         with torch.inference_mode():
             generated = decoder.run(buffer, attention_mask)
@@ -192,22 +209,20 @@ def _check_inputs(input_ids, attention_mask, device):
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _lenience(value) -> tuple[LenienceKind, float]:
-    """``lenience=`` -> the kernel's ``(kind, epsilon)``. A bare float is ``Lenience``'s default
-    kind with that epsilon; epsilon 1 (any kind) is the lossless path itself."""
+def _lenience(value) -> Optional[Lenience]:
+    """``lenience=`` -> a ``Lenience``, or None for exact verification. A bare float is
+    ``Lenience``'s default kind with that epsilon; epsilon 1 (any kind) is the lossless path itself."""
     if value is None:
-        return LenienceKind.NONE, 1.0
+        return None
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = Lenience(epsilon=float(value))  # raises ValueError naming lenience outside (0, 1]
     if not isinstance(value, Lenience):
         raise TypeError(f"lenience: expected None, a float epsilon in (0, 1] or a draftwise.Lenience, "
                         f"got {type(value).__name__}")
-    if float(value.epsilon) == 1.0:
-        return LenienceKind.NONE, 1.0
-    return value.code, float(value.epsilon)
+    return None if float(value.epsilon) == 1.0 else value
 
 
-def _resolve(model, kwargs: dict, prompt_width: int, device) -> dict:
+def _resolve(model, kwargs: dict, prompt_width: int, device) -> CallOptions:
     """The call's options: Hugging Face's generation settings (see :mod:`.settings`) plus the
     engine's own (draft length and schedule, prompt lookup, seed, lenience, streaming)."""
     kwargs = dict(kwargs)
@@ -242,18 +257,15 @@ def _resolve(model, kwargs: dict, prompt_width: int, device) -> dict:
         stop_strings = (stop_strings,)
     if stop_strings and own["tokenizer"] is None:
         raise ValueError("stop_strings: pass tokenizer= as well, to decode the generated tokens")
-    lenience_kind, lenience_epsilon = _lenience(own["lenience"])
-    tree_budget = _tree_budget(own["tree_budget"], lenience_kind)
-    return dict(
-        tree_budget=tree_budget,
-        settings=settings, gamma=gamma, schedule=schedule, selector=own["selector"], extra_drafters=extra,
-        confidence_threshold=threshold,
-        seed=seed, streamer=own["streamer"], stop_strings=tuple(stop_strings), tokenizer=own["tokenizer"],
-        lenience_kind=lenience_kind, lenience_epsilon=lenience_epsilon,
+    lenience = _lenience(own["lenience"])
+    return CallOptions(
+        settings=settings, gamma=gamma, schedule=schedule, selector=own["selector"], extra_drafters=tuple(extra),
+        confidence_threshold=threshold, seed=seed, streamer=own["streamer"], stop_strings=tuple(stop_strings),
+        tokenizer=own["tokenizer"], lenience=lenience, tree_budget=_tree_budget(own["tree_budget"], lenience),
     )
 
 
-def _tree_budget(value, lenience_kind) -> int:
+def _tree_budget(value, lenience: Optional[Lenience]) -> int:
     """``tree_budget=``: 0 (chains) or the most drafted nodes a token tree verifies per step."""
     from .tree import MAX_NODES
 
@@ -261,7 +273,7 @@ def _tree_budget(value, lenience_kind) -> int:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < MAX_NODES:
         raise ValueError(f"tree_budget: expected an int in [0, {MAX_NODES - 1}] (0: chains), got {value!r}")
-    if lenience_kind != LenienceKind.NONE:
+    if lenience is not None:
         raise ValueError("tree_budget: token trees are verified exactly; pass lenience=None")
     return value
 

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from draftwise.kernels import PAD_TOKEN
+from draftwise.kernels import PAD_TOKEN, Lenience
 from draftwise.kernels.spec import ChainInputs, LenienceKind, VerifyOutput
 from draftwise.kernels.tree import verify_tree
 
@@ -129,8 +129,7 @@ class Decoder:
     max_draft: int = 12  # no row drafts more (the caches' room past the longest output)
     streamer: object = None
     measure_accept_probs: bool = False
-    lenience_kind: LenienceKind = LenienceKind.NONE  # lossy acceptance f(p, epsilon); NONE: exact
-    lenience_epsilon: float = 1.0
+    lenience: Optional[Lenience] = None  # lossy acceptance f(p, epsilon); None: exact
     record: Optional["ScoreRecord"] = None  # output_scores / output_logits
     tree_budget: int = 0  # > 0: every step verifies a token tree of at most this many drafted nodes
     tree_gamma: int = 4  # with a tree, each drafter's chain length (a draft model's forwards per step)
@@ -340,8 +339,9 @@ class Decoder:
         s = self.sampling
         return ChainInputs(
             draft_tokens=tokens, draft_probs=probs, target_logits=logits, temperature=s.temperature,
-            top_k=s.top_k, top_p=s.top_p, lenience_kind=self.lenience_kind,
-            lenience_epsilon=self.lenience_epsilon,
+            top_k=s.top_k, top_p=s.top_p,
+            lenience_kind=LenienceKind.NONE if self.lenience is None else self.lenience.code,
+            lenience_epsilon=1.0 if self.lenience is None else float(self.lenience.epsilon),
             seeds=s.step_seeds(self.produced), uniforms=None, return_accept_probs=accept_probs,
         )
 
