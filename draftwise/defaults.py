@@ -51,18 +51,6 @@ class LayerDraftSpec:
 
 
 @dataclass(frozen=True)
-class PromptLookupSpec:
-    """Prompt lookup: n-gram matches in the prompt and output, no model."""
-
-    max_ngram: int = 2
-
-    def build(self, target: nn.Module):
-        from draftwise.engine import PromptLookupDrafter
-
-        return PromptLookupDrafter(max_ngram=self.max_ngram)
-
-
-@dataclass(frozen=True)
 class DistilledDraftSpec:
     """A draft distilled from the target (``draftwise distill``), stored as a draft folder."""
 

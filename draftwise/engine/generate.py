@@ -15,14 +15,15 @@ from draftwise.kernels import Lenience, get_implementation, resolve_backend
 from .draft_model import check_draft_placement, load_draft
 from .drafters import LookupThenModelDrafter, ModelDrafter, PromptLookupDrafter
 from .models import ModelRunner
-from .processing import ScoreProcessing
+from .processing import ScoreProcessing, ScoreRecord
 from .sampling import Sampling
 from .sequence import TokenBuffer
 from .settings import GenerationSettings, expand_for_sequences, resolve_settings
 from .policy import AdaptivePolicy, DraftPolicy
 from .selector import resolve_selector
-from .speculate import Decoder, ScoreRecord, StopCriteria
+from .speculate import Decoder
 from .stats import SpecStats
+from .stopping import StopCriteria
 
 DEFAULT_GAMMA = 3
 MAX_GAMMA = 12
@@ -51,11 +52,6 @@ class SpeculativeOutput(GenerateDecoderOnlyOutput):
     """Hugging Face's decoder-only output with the speculative statistics added."""
 
     spec_stats: Optional[SpecStats] = None
-
-
-def _vocab_width(model) -> int:
-    embeddings = model.get_output_embeddings()
-    return embeddings.weight.shape[0] if embeddings is not None else model.config.vocab_size
 
 
 def _as_drafter(draft, name: str):

@@ -55,3 +55,30 @@ class ScoreProcessing:
     def select_rows(self, rows: torch.Tensor) -> None:
         self.processors = [self.processors[i] for i in rows.tolist()]
         self.prompt_ids = self.prompt_ids[rows]
+
+
+class ScoreRecord:
+    """Each row's logits and processed scores at every emitted position (``output_logits`` /
+    ``output_scores``), assembled into Hugging Face's per-step tuples at the end."""
+
+    def __init__(self, batch: int, scores: bool, logits: bool):
+        self.want_scores, self.want_logits = scores, logits
+        self.scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        self.logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+
+    def add(self, rows: torch.Tensor, counts: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor) -> None:
+        for row, original, count in zip(range(len(rows)), rows.tolist(), counts.tolist()):
+            if self.want_scores:
+                self.scores[original].append(scores[row, :count].float())
+            if self.want_logits:
+                self.logits[original].append(logits[row, :count].float())
+
+    def steps(self, which: str) -> tuple[torch.Tensor, ...] | None:
+        """``(step_0 [B, V], step_1, ...)`` as Hugging Face returns them; a row that has ended
+        holds zeros in the steps after its last token (Hugging Face pads it with its pad token)."""
+        if not getattr(self, f"want_{which}"):
+            return None
+        per_row = [torch.cat(chunks) for chunks in getattr(self, which)]
+        steps = max(len(r) for r in per_row)
+        padded = [torch.nn.functional.pad(r, (0, 0, 0, steps - len(r))) for r in per_row]
+        return tuple(torch.stack(padded, 0).unbind(1))

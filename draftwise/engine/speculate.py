@@ -21,81 +21,14 @@ from draftwise.kernels.tree import verify_tree
 from .drafters import Draft
 from .models import ModelRunner
 from .policy import NO_DRAFT, DraftPolicy, PolicyContext, StepChoice, StepTrace
+from .processing import ScoreRecord
 from .sampling import Sampling
 from .sequence import TokenBuffer
 from .stats import SpecStats
+from .stopping import StopCriteria
 from .tree import DraftTree
 
 VerifyImpl = Callable[[ChainInputs], VerifyOutput]
-
-
-@dataclasses.dataclass
-class StopCriteria:
-    """When a row is done: an EOS id, ``max_new_tokens``, or a stop string (needs a tokenizer)."""
-
-    max_new_tokens: int
-    eos_token_ids: Optional[torch.Tensor] = None  # [E] int64
-    stop_strings: Sequence[str] = ()
-    tokenizer: object = None
-
-    def cut(self, buffer: TokenBuffer, emitted: torch.Tensor, counts: torch.Tensor,
-            produced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shorten each row's emitted run at its first stop; returns ``(counts, finished)``."""
-        finished = torch.zeros_like(counts, dtype=torch.bool)
-        if self.eos_token_ids is not None:
-            valid = torch.arange(emitted.shape[1], device=counts.device).view(1, -1) < counts.view(-1, 1)
-            is_eos = torch.isin(emitted, self.eos_token_ids) & valid
-            hit = is_eos.any(-1)
-            counts = torch.where(hit, is_eos.int().argmax(-1) + 1, counts)
-            finished |= hit
-        room = self.max_new_tokens - produced
-        finished |= counts >= room
-        counts = torch.minimum(counts, room)
-        if self.stop_strings:
-            counts, finished = self._cut_stop_strings(buffer, emitted, counts, finished)
-        return counts, finished
-
-    def _cut_stop_strings(self, buffer, emitted, counts, finished):
-        """Decode each row's new tokens one at a time until a stop string appears (bookkeeping on
-        the host, only when stop strings are asked for)."""
-        counts, finished = counts.tolist(), finished.tolist()
-        longest = max(len(s) for s in self.stop_strings)
-        for row, count in enumerate(counts):
-            start = int(buffer.prompt_length)
-            history = buffer.tokens[row, start: int(buffer.lengths[row])].tolist()
-            for c in range(1, count + 1):
-                text = self.tokenizer.decode(history + emitted[row, :c].tolist())
-                if any(s in text[-(longest + 64):] for s in self.stop_strings):
-                    counts[row], finished[row] = c, True
-                    break
-        return torch.tensor(counts, device=emitted.device), torch.tensor(finished, device=emitted.device)
-
-
-class ScoreRecord:
-    """Each row's logits and processed scores at every emitted position (``output_logits`` /
-    ``output_scores``), assembled into Hugging Face's per-step tuples at the end."""
-
-    def __init__(self, batch: int, scores: bool, logits: bool):
-        self.want_scores, self.want_logits = scores, logits
-        self.scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        self.logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-
-    def add(self, rows: torch.Tensor, counts: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor) -> None:
-        for row, original, count in zip(range(len(rows)), rows.tolist(), counts.tolist()):
-            if self.want_scores:
-                self.scores[original].append(scores[row, :count].float())
-            if self.want_logits:
-                self.logits[original].append(logits[row, :count].float())
-
-    def steps(self, which: str) -> tuple[torch.Tensor, ...] | None:
-        """``(step_0 [B, V], step_1, ...)`` as Hugging Face returns them; a row that has ended
-        holds zeros in the steps after its last token (Hugging Face pads it with its pad token)."""
-        if not getattr(self, f"want_{which}"):
-            return None
-        per_row = [torch.cat(chunks) for chunks in getattr(self, which)]
-        steps = max(len(r) for r in per_row)
-        padded = [torch.nn.functional.pad(r, (0, 0, 0, steps - len(r))) for r in per_row]
-        return tuple(torch.stack(padded, 0).unbind(1))
 
 
 class _Timer:
@@ -130,7 +63,7 @@ class Decoder:
     streamer: object = None
     measure_accept_probs: bool = False
     lenience: Optional[Lenience] = None  # lossy acceptance f(p, epsilon); None: exact
-    record: Optional["ScoreRecord"] = None  # output_scores / output_logits
+    record: Optional[ScoreRecord] = None  # output_scores / output_logits
     tree_budget: int = 0  # > 0: every step verifies a token tree of at most this many drafted nodes
     tree_gamma: int = 4  # with a tree, each drafter's chain length (a draft model's forwards per step)
     backend: Optional[str] = None  # the verification kernels' backend
