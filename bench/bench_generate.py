@@ -30,6 +30,7 @@ import transformers
 import draftwise
 from draftwise.defaults import DEFAULT_DRAFT, MODEL_DRAFT, demo_prompts, load_default, load_model_draft
 from draftwise.engine import skinny_linear
+from draftwise.engine.stats import SpecStats
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,13 +59,9 @@ def _measure(name, run, batches, pad) -> dict:
             stats.append(out.spec_stats)
     row = {"provider": name, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
     if stats:
-        total = lambda field: sum(getattr(s, field) for s in stats)  # noqa: E731
-        row.update(
-            alpha=total("accepted") / max(1, total("drafted")),
-            tau=total("emitted") / max(1, total("row_steps")),
-            time_draft=total("time_draft"), time_target=total("time_target"),
-            time_verify=total("time_verify"), time_other=total("time_other"),
-        )
+        total = SpecStats.total(stats)
+        row.update(alpha=total.alpha, tau=total.tau, time_draft=total.time_draft, time_target=total.time_target,
+                   time_verify=total.time_verify, time_other=total.time_other)
         row["overhead"] = (row["time_verify"] + row["time_other"]) / seconds
     return row
 

@@ -136,15 +136,17 @@ def _show_output(name: str, out, reference, tokenizer, width: int):
 
 
 def _print_demo_table(totals: dict) -> None:
+    from draftwise.engine.stats import SpecStats
+
     base = totals["target alone"][1] / totals["target alone"][0]
     print("-" * 100)
     print(f"\n{'':44} {'tokens/s':>9} {'speedup':>8} {'alpha':>6} {'tau':>5}")
     for name, (seconds, tokens, stats) in totals.items():
         rate = tokens / seconds
         alpha = tau = ""
-        if stats and sum(s.drafted for s in stats):
-            alpha = f"{sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats)):.3f}"
-            tau = f"{sum(s.emitted for s in stats) / max(1, sum(s.row_steps for s in stats)):.2f}"
+        total = SpecStats.total(stats)
+        if total.drafted:
+            alpha, tau = f"{total.alpha:.3f}", f"{total.tau:.2f}"
         print(f"{name:44} {rate:9.1f} {rate / base:7.2f}x {alpha:>6} {tau:>5}")
 
 

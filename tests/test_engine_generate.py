@@ -218,3 +218,13 @@ def test_confidence_threshold_drafts_less_and_changes_nothing(pair):
     assert widths[0] == ids.shape[1] and set(widths[1:]) == {2}  # the prefill, then the verifications
     with pytest.raises(ValueError, match="assistant_confidence_threshold"):
         draftwise.generate(target, ids, mask, assistant_model=draft, assistant_confidence_threshold=1.5, **kwargs)
+
+
+def test_pooled_statistics_are_ratios_of_sums():
+    from draftwise.engine.stats import SpecStats
+
+    first = SpecStats(drafted=4, accepted=2, emitted=5, row_steps=2, drafted_at=[2, 2], accepted_at=[2, 0])
+    second = SpecStats(drafted=6, accepted=6, emitted=9, row_steps=2, drafted_at=[2, 2, 2], accepted_at=[2, 2, 2])
+    pooled = SpecStats.total([first, second])
+    assert pooled.alpha == 8 / 10 and pooled.tau == 14 / 4  # not the mean of 0.5 and 1.0, 2.5 and 4.5
+    assert pooled.drafted_at == [4, 4, 2] and pooled.accepted_at == [4, 2, 2]

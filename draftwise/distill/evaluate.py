@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from draftwise.engine.stats import SpecStats
+
 MODES = {"greedy": dict(do_sample=False), "T=1": dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)}
 # Repeats of the same work whose times spread more than this, (slowest - fastest) / fastest, were
 # slowed by something else on the machine. On an idle 2-core CPU the demo's figures move by a few
@@ -112,13 +114,10 @@ def evaluate_drafts(target, tokenizer, drafts: dict, prompts: Sequence[str], *, 
         for (name, gamma), (rate, stats, quality) in results.items():
             if name == "target":
                 continue
-            drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
-            probs = sum(s.accept_prob_count for s in stats)
+            pooled = SpecStats.total(stats)
             row = {
-                "mode": mode, "draft": name, "gamma": gamma,
-                "alpha": accepted / max(1, drafted),
-                "analytic_alpha": sum(s.accept_prob_sum for s in stats) / probs if probs else None,
-                "tau": sum(s.emitted for s in stats) / max(1, sum(s.row_steps for s in stats)),
+                "mode": mode, "draft": name, "gamma": gamma, "alpha": pooled.alpha,
+                "analytic_alpha": pooled.analytic_alpha if pooled.accept_prob_count else None, "tau": pooled.tau,
                 "tokens_per_s": rate, "target_tokens_per_s": base, "speedup": rate / base,
             }
             if score_quality:

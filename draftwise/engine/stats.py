@@ -37,6 +37,24 @@ class SpecStats:
     trace: list = dataclasses.field(default_factory=list, repr=False)
     per_draft: dict[str, "SpecStats"] = dataclasses.field(default_factory=dict)
 
+    COUNTERS = ("target_calls", "row_steps", "drafted", "accepted", "emitted", "new_tokens", "accept_prob_sum",
+                "accept_prob_count", "time_draft", "time_target", "time_verify", "time_total", "tree_steps",
+                "tree_nodes")
+
+    @classmethod
+    def total(cls, parts) -> "SpecStats":
+        """Several generations' statistics summed: their α, τ and times are the pooled ones
+        (accepted over drafted, tokens over row steps), not an average of ratios."""
+        out = cls()
+        for part in parts:
+            for name in cls.COUNTERS:
+                setattr(out, name, getattr(out, name) + getattr(part, name))
+            out._grow(len(part.drafted_at))
+            for i, (drafted, accepted) in enumerate(zip(part.drafted_at, part.accepted_at)):
+                out.drafted_at[i] += drafted
+                out.accepted_at[i] += accepted
+        return out
+
     @property
     def alpha(self) -> float:
         return self.accepted / self.drafted if self.drafted else float("nan")
