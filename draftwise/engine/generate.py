@@ -19,14 +19,13 @@ from .processing import ScoreProcessing, ScoreRecord
 from .sampling import Sampling
 from .sequence import TokenBuffer
 from .settings import GenerationSettings, expand_for_sequences, resolve_settings
-from .policy import AdaptivePolicy, DraftPolicy
+from .policy import DEFAULT_GAMMA, MAX_GAMMA, AdaptivePolicy, DraftPolicy
 from .selector import resolve_selector
 from .speculate import Decoder
 from .stats import SpecStats
 from .stopping import StopCriteria
 
-DEFAULT_GAMMA = 3
-MAX_GAMMA = 12
+STEP_MARGIN = 2  # cache slots past the widest step's (a row's last token and drafts), kept free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +132,7 @@ class SpeculativeEngine:
         batch, width = input_ids.shape
         max_new = settings.max_new_tokens
         gamma_max = max(options.gamma, MAX_GAMMA)
-        capacity = width + max_new + max(gamma_max, options.tree_budget) + 2
+        capacity = width + max_new + max(gamma_max, options.tree_budget) + STEP_MARGIN
         buffer = TokenBuffer.from_prompt(input_ids, attention_mask, capacity)
         processors = settings.processors(self.target, attention_mask)
         if options.tree_budget and processors is not None:

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 import torch
 
 NO_DRAFT = -1  # the arm "decode with the target alone"
+DEFAULT_GAMMA = 3  # the draft length a generate() call starts from, unless it sets num_assistant_tokens
+MAX_GAMMA = 12  # no row drafts more in one step, unless the call fixes a longer γ
 SCHEDULES = ("constant", "heuristic", "adaptive")
 
 
@@ -242,7 +244,7 @@ class AdaptivePolicy(DraftPolicy):
     FIRST_PAUSE, LONGEST_PAUSE = 4, 64  # steps a row waits before it tries drafting again
     retries = True  # a row that stopped drafting tries again after a pause (without other evidence)
 
-    def __init__(self, schedule: str = "adaptive", initial: int = 4, maximum: int = 12, no_draft: bool = True):
+    def __init__(self, schedule: str = "adaptive", initial: int = 4, maximum: int = MAX_GAMMA, no_draft: bool = True):
         if schedule not in SCHEDULES:
             raise ValueError(f"num_assistant_tokens_schedule: expected one of {', '.join(map(repr, SCHEDULES))}, "
                              f"got {schedule!r}")

@@ -20,7 +20,7 @@ from draftwise.kernels.tree import verify_tree
 
 from .drafters import Draft
 from .models import ModelRunner
-from .policy import NO_DRAFT, DraftPolicy, PolicyContext, StepChoice, StepTrace
+from .policy import MAX_GAMMA, NO_DRAFT, DraftPolicy, PolicyContext, StepChoice, StepTrace
 from .processing import ScoreRecord
 from .sampling import Sampling
 from .sequence import TokenBuffer
@@ -59,7 +59,7 @@ class Decoder:
     sampling: Sampling
     stop: StopCriteria
     stats: SpecStats
-    max_draft: int = 12  # no row drafts more (the caches' room past the longest output)
+    max_draft: int = MAX_GAMMA  # no row drafts more (the caches' room past the longest output)
     streamer: object = None
     measure_accept_probs: bool = False
     lenience: Optional[Lenience] = None  # lossy acceptance f(p, epsilon); None: exact

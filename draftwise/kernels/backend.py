@@ -15,10 +15,9 @@ from typing import Callable
 
 import torch
 
-from .spec import ChainInputs, VerifyOutput
+from .spec import CPP_MISSING, REBUILD_HINT, ChainInputs, VerifyOutput
 
 BACKENDS = ("triton", "cpp", "torch")
-REBUILD_HINT = "pip install --no-build-isolation -e .  (needs a C++ compiler and pybind11)"
 
 ChainImpl = Callable[[ChainInputs], VerifyOutput]
 
@@ -55,7 +54,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 def _missing_message(name: str, device: torch.device) -> str:
     if name == "cpp" and not has_cpp():
-        return f"backend 'cpp' is not available: the extension draftwise._C is not built. Rebuild with: {REBUILD_HINT}"
+        return CPP_MISSING
     if name == "cpp":
         return f"backend 'cpp' runs on CPU tensors only, got tensors on {device}"
     if not has_triton():

@@ -13,8 +13,7 @@ from typing import Optional
 
 import torch
 
-from .backend import REBUILD_HINT
-from .spec import ChainInputs, VerifyOutput
+from .spec import CPP_MISSING, ChainInputs, VerifyOutput
 
 try:
     from draftwise import _C
@@ -30,9 +29,7 @@ FLOAT32, INT64 = (torch.float32,), (torch.int64,)
 
 def _extension():
     if _C is None:
-        raise RuntimeError(
-            f"backend 'cpp' is not available: the extension draftwise._C is not built. Rebuild with: {REBUILD_HINT}"
-        )
+        raise RuntimeError(CPP_MISSING)
     return _C
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .backend import REBUILD_HINT
+from .spec import REBUILD_HINT
 
 try:
     from draftwise import _C

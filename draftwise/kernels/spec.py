@@ -43,6 +43,10 @@ import torch
 
 PAD_TOKEN = -1
 
+# How to build the optional C++ extension, and what a call that needs it says without it.
+REBUILD_HINT = "pip install --no-build-isolation -e .  (needs a C++ compiler and pybind11)"
+CPP_MISSING = f"backend 'cpp' is not available: the extension draftwise._C is not built. Rebuild with: {REBUILD_HINT}"
+
 ScalarOrRows = Union[float, int, torch.Tensor, None]
 
 
