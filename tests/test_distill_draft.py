@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from test_distribution import ALPHA, chi_square
-from test_engine_generate import _first_two_token_law
+from oracles import ALPHA, chi_square
+from oracles import first_two_token_law
 from tiny_models import tiny_model
 
 import draftwise
@@ -98,7 +98,7 @@ def test_reduced_vocabulary_draft_keeps_the_target_distribution():
     target.generation_config.eos_token_id = None
     draft = build_draft(target, 1, vocab_ids=torch.tensor([0, 3, 4, 5, 9, 12])).eval()  # q = 0 on 10 ids
     prompt = torch.tensor([[3, 7, 5, 9]])
-    law = _first_two_token_law(target, prompt, 1.0)
+    law = first_two_token_law(target, prompt, 1.0)
     out = draftwise.generate(target, prompt.repeat(20_000, 1), assistant_model=draft, num_assistant_tokens=2,
                              max_new_tokens=2, do_sample=True, temperature=1.0, top_k=0, seed=3, pad_token_id=0,
                              assistant_confidence_threshold=0.0, return_dict_in_generate=True)

@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from draftwise.kernels import PAD_TOKEN, Lenience, Uniforms, available_backends, verify_chain
 from draftwise.kernels.reference import STREAM_ACCEPT, philox_uniform, sanitize_logits, target_probs
 
-ALPHA = 1e-6  # p-value threshold: a correct kernel fails a check less than once in 10**6 runs
+from oracles import ALPHA, Fit, chi_square
+
 Z_LIMIT = 5.0  # |z| bound of the binomial z-tests (two-sided tail 5.7e-7)
-MIN_EXPECTED = 5.0  # outcomes with a smaller expected count are merged before the chi-square
 NARROW_VOCAB = 16
 NARROW_TRIALS = 200_000
 WIDE_VOCAB = 4099  # odd, so a vectorised kernel has a tail; tokens 4096.. sit past 2**12
@@ -53,57 +51,6 @@ def row_seeds(trials: int, base: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Goodness of fit
-
-
-class Fit(NamedTuple):
-    pvalue: float
-    statistic: float
-    dof: int
-    trials: int
-    impossible: int  # trials that landed on an outcome of probability 0
-
-    def __str__(self) -> str:
-        return (
-            f"p={self.pvalue:.3g} (chi2={self.statistic:.1f}, dof={self.dof}, trials={self.trials}, "
-            f"impossible outcomes={self.impossible})"
-        )
-
-
-def chi_square(counts, probs, min_expected: float = MIN_EXPECTED) -> Fit:
-    """Chi-square test of ``counts`` against the fully specified law ``probs`` (same length).
-
-    Outcomes are sorted by expected count and merged, smallest first, into groups whose expected
-    count reaches ``min_expected``; a remainder joins the last group. Any count on an outcome of
-    probability 0 gives p-value 0 (for a law on one outcome, that is the whole test).
-    """
-    counts = torch.as_tensor(counts, dtype=torch.float64).flatten().numpy()
-    probs = torch.as_tensor(probs, dtype=torch.float64).flatten().numpy()
-    if counts.shape != probs.shape or (probs < 0).any() or not probs.sum() > 0:
-        raise ValueError(f"chi_square: counts {counts.shape} and a positive law {probs.shape} expected")
-    trials = int(counts.sum())
-    possible = probs > 0
-    impossible = int(counts[~possible].sum())
-    expected = trials * probs[possible] / probs[possible].sum()
-    observed = counts[possible]
-    group_expected, group_observed = [], []
-    pending_expected = pending_observed = 0.0
-    for i in np.argsort(expected, kind="stable"):
-        pending_expected += expected[i]
-        pending_observed += observed[i]
-        if pending_expected >= min_expected:
-            group_expected.append(pending_expected)
-            group_observed.append(pending_observed)
-            pending_expected = pending_observed = 0.0
-    if group_expected:
-        group_expected[-1] += pending_expected
-        group_observed[-1] += pending_observed
-    if not group_expected:
-        raise ValueError(f"chi_square: {trials} trials are too few for a test")
-    e, o = np.asarray(group_expected), np.asarray(group_observed)
-    statistic = float(((o - e) ** 2 / e).sum())
-    dof = len(e) - 1
-    pvalue = 0.0 if impossible else float(stats.chi2.sf(statistic, dof)) if dof else 1.0
-    return Fit(pvalue, statistic, dof, trials, impossible)
 
 
 def histogram(outcomes: torch.Tensor, size: int) -> torch.Tensor:

@@ -9,25 +9,14 @@ import torch
 import draftwise
 from draftwise.engine import PromptLookupDrafter, SpeculativeEngine
 
-from test_distribution import ALPHA, chi_square
+from oracles import ALPHA, PAD, chi_square, first_two_token_law, left_padded_prompts
 from tiny_models import ARCHS, tiny_model
 
-PAD = 2
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def pair(request):
     return request.param, tiny_model(request.param, layers=2, seed=0), tiny_model(request.param, layers=1, seed=1)
-
-
-def _prompts(batch: int, width: int = 7, seed: int = 0, high: int = 100):
-    """Left-padded prompts of different lengths (row b loses b tokens to padding), ids in [3, high)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, high, (batch, width), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(batch):
-        mask[row, : min(row, width - 1)] = 0
-    return ids * mask + PAD * (1 - mask), mask
 
 
 def _hf(model, ids, mask, **kwargs):
@@ -38,7 +27,7 @@ def _hf(model, ids, mask, **kwargs):
 @pytest.mark.parametrize("drafts", ["one-draft", "two-drafts", "prompt-lookup", "self-draft"])
 def test_greedy_equals_hf_generate(pair, batch, drafts):
     arch, target, draft = pair
-    ids, mask = _prompts(batch)
+    ids, mask = left_padded_prompts(batch)
     want = _hf(target, ids, mask, max_new_tokens=24, eos_token_id=None)
     kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     if drafts == "one-draft":
@@ -55,7 +44,7 @@ def test_greedy_equals_hf_generate(pair, batch, drafts):
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
 def test_max_new_tokens_reached_mid_block(pair, max_new_tokens):
     _, target, _ = pair
-    ids, mask = _prompts(3)
+    ids, mask = left_padded_prompts(3)
     want = _hf(target, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=None)
     got = draftwise.generate(target, ids, mask, assistant_model=target, num_assistant_tokens=6,
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD, eos_token_id=None)
@@ -65,7 +54,7 @@ def test_max_new_tokens_reached_mid_block(pair, max_new_tokens):
 def test_eos_inside_an_accepted_run(pair):
     """The target drafting for itself accepts every token: an EOS in the middle of a run cuts it."""
     _, target, _ = pair
-    ids, mask = _prompts(3)
+    ids, mask = left_padded_prompts(3)
     free = _hf(target, ids, mask, max_new_tokens=16, eos_token_id=None)
     eos = int(free[1, ids.shape[1] + 5])  # a token row 1 emits in the middle of its output
     want = _hf(target, ids, mask, max_new_tokens=16, eos_token_id=eos)
@@ -79,7 +68,7 @@ def test_eos_inside_an_accepted_run(pair):
 def test_engine_is_reusable_and_stats_add_up(pair):
     _, target, draft = pair
     engine = SpeculativeEngine(target, [draft])
-    ids, mask = _prompts(3)
+    ids, mask = left_padded_prompts(3)
     want = _hf(target, ids, mask, max_new_tokens=12, eos_token_id=None)
     for _ in range(2):
         out = engine.generate(ids, mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD,
@@ -104,24 +93,6 @@ def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
     assert PromptLookupDrafter().propose(buffer, 3, sampling=None).tokens.tolist() == [[-1, -1, -1]]
 
 
-def _first_two_token_law(target, prompt: torch.Tensor, temperature: float, top_k: int = 0,
-                         top_p: float = 1.0) -> torch.Tensor:
-    """The exact law of the first two generated tokens, ``[V, V]``, by enumeration."""
-    from draftwise.kernels.reference import target_probs
-
-    def law(logits):  # [N, V] -> the processed distribution of each row
-        n = logits.shape[0]
-        return target_probs(logits.double().unsqueeze(1), torch.full((n,), temperature),
-                            torch.full((n,), top_k), torch.full((n,), top_p)).squeeze(1)
-
-    with torch.no_grad():
-        first = law(target(prompt).logits[:, -1])[0]
-        vocab = first.shape[0]
-        seconds = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab).view(-1, 1)], 1)
-        second = law(target(seconds).logits[:, -1])
-    return first.view(-1, 1) * second
-
-
 @pytest.mark.parametrize("arch,top_k,top_p", [
     pytest.param("llama", 0, 1.0, id="llama"),
     pytest.param("gpt2", 0, 1.0, id="gpt2"),
@@ -135,7 +106,7 @@ def test_sampling_follows_the_target_distribution(arch, top_k, top_p):
     draft = tiny_model(arch, layers=1, vocab=16, seed=3)
     prompt = torch.tensor([[3, 7, 5, 9]])
     trials = 20_000
-    law = _first_two_token_law(target, prompt, 0.8, top_k, top_p)
+    law = first_two_token_law(target, prompt, 0.8, top_k, top_p)
     out = draftwise.generate(target, prompt.repeat(trials, 1), assistant_model=draft, num_assistant_tokens=3,
                              max_new_tokens=2, do_sample=True, temperature=0.8, top_k=top_k, top_p=top_p,
                              seed=11, pad_token_id=0, return_dict_in_generate=True)
@@ -148,7 +119,7 @@ def test_sampling_follows_the_target_distribution(arch, top_k, top_p):
 def test_same_seed_same_output():
     """With a fixed gamma (draft lengths that do not follow timings) a seed fixes the tokens."""
     target, draft = tiny_model("llama", seed=0), tiny_model("llama", layers=1, seed=1)
-    ids, mask = _prompts(3)
+    ids, mask = left_padded_prompts(3)
     kwargs = dict(assistant_model=draft, max_new_tokens=16, do_sample=True, temperature=1.0, eos_token_id=None,
                   pad_token_id=PAD, num_assistant_tokens=3, num_assistant_tokens_schedule="constant")
     first = draftwise.generate(target, ids, mask, seed=5, **kwargs)
@@ -169,7 +140,7 @@ def test_streamer_receives_every_token():
         def end(self):
             self.ended = True
 
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     streamer = Collect()
     out = draftwise.generate(target, ids, mask, assistant_model=target, max_new_tokens=10, do_sample=False,
                              eos_token_id=None, pad_token_id=PAD, streamer=streamer)
@@ -179,7 +150,7 @@ def test_streamer_receives_every_token():
 
 def test_bad_arguments_are_named():
     target = tiny_model("llama", seed=0)
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     with pytest.raises(TypeError, match="num_beams"):
         draftwise.generate(target, ids, mask, max_new_tokens=4, num_beams=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -195,7 +166,7 @@ def test_bad_arguments_are_named():
 def test_confidence_threshold_drafts_less_and_changes_nothing(pair):
     """A weak draft stops early below assistant_confidence_threshold; the output is the same."""
     _, target, draft = pair
-    ids, mask = _prompts(3)
+    ids, mask = left_padded_prompts(3)
     kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=PAD, eos_token_id=None,
                   num_assistant_tokens=6, return_dict_in_generate=True)
     full = draftwise.generate(target, ids, mask, assistant_model=draft, assistant_confidence_threshold=0.0, **kwargs)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from test_distribution import ALPHA, chi_square
-from test_engine_generate import _first_two_token_law
+from oracles import ALPHA, chi_square
+from oracles import first_two_token_law
 from tiny_models import tiny_model
 
 import draftwise
@@ -44,7 +44,7 @@ def test_sampling_keeps_the_target_distribution():
     for row, prompt in enumerate(prompts):
         sequences = out.sequences[row::2]
         pairs = sequences[:, -2] * 16 + sequences[:, -1]
-        fit = chi_square(torch.bincount(pairs, minlength=256), _first_two_token_law(target, prompt[None], 1.0).flatten())
+        fit = chi_square(torch.bincount(pairs, minlength=256), first_two_token_law(target, prompt[None], 1.0).flatten())
         assert fit.pvalue > ALPHA, f"prompt {row}: joint law of the first two tokens: {fit}"
     assert 0 < out.spec_stats.alpha < 1
 

@@ -10,8 +10,8 @@ import draftwise
 from draftwise.engine import NO_DRAFT, AdaptivePolicy, DraftPolicy, FixedPolicy, PromptLookupDrafter, StepChoice
 from draftwise.engine.policy import CostModel, StepTrace
 
-from test_distribution import ALPHA, chi_square
-from test_engine_generate import PAD, _first_two_token_law, _prompts
+from oracles import ALPHA, chi_square
+from oracles import PAD, first_two_token_law, left_padded_prompts
 from tiny_models import tiny_model
 
 
@@ -46,7 +46,7 @@ def models():
 @pytest.mark.parametrize("batch", [1, 4])
 def test_rows_with_different_drafters_give_the_target_greedy_output(models, batch):
     target, draft = models
-    ids, mask = _prompts(batch)
+    ids, mask = left_padded_prompts(batch)
     want = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
                            max_new_tokens=24, eos_token_id=None)
     policy = ScriptedPolicy([0, 1, NO_DRAFT, 2])
@@ -63,7 +63,7 @@ def test_rows_with_different_drafters_give_the_target_greedy_output(models, batc
 @pytest.mark.parametrize("arm", [0, 1])
 def test_a_policy_that_always_picks_one_arm_equals_that_arm_alone(models, arm):
     target, draft = models
-    ids, mask = _prompts(3)
+    ids, mask = left_padded_prompts(3)
     drafters = [draft, PromptLookupDrafter()]
     common = dict(do_sample=False, pad_token_id=PAD, max_new_tokens=20, eos_token_id=None,
                   num_assistant_tokens=3, return_dict_in_generate=True)
@@ -76,7 +76,7 @@ def test_a_policy_that_always_picks_one_arm_equals_that_arm_alone(models, arm):
 
 def test_no_draft_arm_is_plain_decoding(models):
     target, draft = models
-    ids, mask = _prompts(2)
+    ids, mask = left_padded_prompts(2)
     out = draftwise.generate(target, ids, mask, assistant_model=draft, selector=FixedPolicy(NO_DRAFT),
                              do_sample=False, pad_token_id=PAD, max_new_tokens=10, eos_token_id=None,
                              return_dict_in_generate=True)
@@ -96,7 +96,7 @@ def test_sampled_law_with_rows_on_different_drafters(policy):
     draft = tiny_model("llama", layers=1, vocab=16, seed=3)
     prompt = torch.tensor([[3, 7, 5, 3, 7]])
     trials = 20_000
-    law = _first_two_token_law(target, prompt, 0.8)
+    law = first_two_token_law(target, prompt, 0.8)
     selector = ScriptedPolicy([0, 1, NO_DRAFT]) if policy == "scripted" else OnlinePolicy()
     out = draftwise.generate(target, prompt.repeat(trials, 1), drafts=[draft, PromptLookupDrafter()],
                              selector=selector, max_new_tokens=3, do_sample=True, temperature=0.8, top_k=0,
@@ -188,7 +188,7 @@ def test_cost_model_fits_the_target_time_per_width():
 
 def test_bad_selector_and_schedule_are_named(models):
     target, draft = models
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     with pytest.raises(TypeError, match="selector"):
         draftwise.generate(target, ids, mask, assistant_model=draft, max_new_tokens=4, selector=3)
     with pytest.raises(FileNotFoundError, match="selector: fastest is not a selector folder"):

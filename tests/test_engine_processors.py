@@ -15,11 +15,9 @@ import draftwise
 from draftwise.engine.processing import ScoreProcessing
 from draftwise.engine.settings import UnsupportedSetting
 
-from test_distribution import ALPHA, chi_square
-from test_engine_generate import _prompts as left_padded_prompts
+from oracles import ALPHA, PAD, chi_square, left_padded_prompts
 from tiny_models import tiny_model
 
-PAD = 2
 AUTO_EOS = "the second token row 0 generates without the setting"
 
 # Token ids below occur in the unconstrained greedy output of the first prompt, so each setting bites.

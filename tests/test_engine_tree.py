@@ -213,8 +213,7 @@ def test_a_draft_model_grows_a_dynamic_tree_of_its_likeliest_continuations():
 import draftwise  # noqa: E402
 from draftwise.engine import PromptLookupDrafter  # noqa: E402
 
-from test_distribution import ALPHA, chi_square  # noqa: E402
-from test_engine_generate import PAD, _first_two_token_law, _prompts  # noqa: E402
+from oracles import ALPHA, PAD, chi_square, first_two_token_law, left_padded_prompts  # noqa: E402
 from tiny_models import ARCHS, make_pair, tiny_model  # noqa: E402
 
 BUILDERS = {  # how a call asks for each tree builder
@@ -229,7 +228,7 @@ BUILDERS = {  # how a call asks for each tree builder
 def test_tree_steps_give_the_target_greedy_output(arch, builder):
     target, draft = make_pair(arch)
     for batch in (1, 3):
-        ids, mask = _prompts(batch, width=9)
+        ids, mask = left_padded_prompts(batch, width=9)
         ids[:, -4:] = ids[:, 2:6].clone()  # a repeat, so that prompt lookup has matches
         want = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
                                max_new_tokens=20, eos_token_id=None)
@@ -244,7 +243,7 @@ def test_tree_steps_give_the_target_greedy_output(arch, builder):
 
 def test_a_tree_step_has_more_than_one_branch():
     target, draft = make_pair("llama")
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     out = draftwise.generate(target, ids, mask, assistant_model=draft, tree_budget=12, do_sample=False,
                              pad_token_id=PAD, max_new_tokens=8, eos_token_id=None, return_dict_in_generate=True)
     stats = out.spec_stats
@@ -260,7 +259,7 @@ def test_sampled_tree_steps_keep_the_target_law(builder):
     draft = tiny_model("llama", layers=1, vocab=16, seed=3)
     prompt = torch.tensor([[3, 7, 5, 3, 7]])
     trials = 20_000 if builder.startswith("dynamic") else 20_000
-    law = _first_two_token_law(target, prompt, 0.8)
+    law = first_two_token_law(target, prompt, 0.8)
     out = draftwise.generate(target, prompt.repeat(trials, 1), **BUILDERS[builder](draft), tree_budget=6,
                              max_new_tokens=3, do_sample=True, temperature=0.8, top_k=0, seed=5, pad_token_id=0,
                              return_dict_in_generate=True)
@@ -273,7 +272,7 @@ def test_sampled_tree_steps_keep_the_target_law(builder):
 @pytest.mark.parametrize("value", [-1, 64, 2.5, True])
 def test_a_bad_tree_budget_is_named(value):
     target, draft = make_pair("llama")
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     with pytest.raises(ValueError, match="tree_budget"):
         draftwise.generate(target, ids, mask, assistant_model=draft, tree_budget=value, max_new_tokens=4,
                            pad_token_id=PAD)
@@ -282,7 +281,7 @@ def test_a_bad_tree_budget_is_named(value):
 @pytest.mark.parametrize("setting", [dict(lenience=0.5, do_sample=True), dict(repetition_penalty=1.3)])
 def test_tree_steps_refuse_what_they_do_not_run(setting):
     target, draft = make_pair("llama")
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     with pytest.raises(ValueError, match="tree_budget"):
         draftwise.generate(target, ids, mask, assistant_model=draft, tree_budget=8, max_new_tokens=4,
                            pad_token_id=PAD, **setting)

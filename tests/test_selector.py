@@ -19,7 +19,7 @@ from draftwise.engine.selector import (
     NO_DRAFT_ARM, OfflinePolicy, OnlinePolicy, Selector, resolve_selector, target_fingerprint, token_features,
 )
 
-from test_engine_generate import PAD, _prompts
+from oracles import PAD, left_padded_prompts
 from tiny_models import tiny_model
 
 COMMON = dict(do_sample=False, pad_token_id=PAD, eos_token_id=None, return_dict_in_generate=True)
@@ -57,7 +57,7 @@ def _hf(target, ids, mask, n):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_online_policy_gives_the_target_greedy_output(models, batch):
     target, draft = models
-    ids, mask = _prompts(batch)
+    ids, mask = left_padded_prompts(batch)
     out = draftwise.generate(target, ids, mask, drafts=_pool(target, draft), selector=OnlinePolicy(),
                              max_new_tokens=24, **COMMON)
     assert torch.equal(out.sequences, _hf(target, ids, mask, 24))
@@ -68,7 +68,7 @@ def test_online_policy_switches_a_row_to_the_drafter_that_serves_it(models):
     drafted for this row) move it to one that is mostly accepted (the target's own copy, or
     prompt lookup on this self-repeating output) for good."""
     target, draft = models
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     pool = _pool(target, draft)
     arms = [d.name for d in pool] + [NO_DRAFT_ARM]
     policy = OnlinePolicy(_forced_selector(arms, 0), schedule="constant", initial=3)
@@ -84,7 +84,7 @@ def test_online_policy_switches_a_row_to_the_drafter_that_serves_it(models):
 @pytest.mark.parametrize("feature", ["tokens", "hidden"])
 def test_offline_policy_gives_the_target_greedy_output(models, batch, feature):
     target, draft = models
-    ids, mask = _prompts(batch)
+    ids, mask = left_padded_prompts(batch)
     pool = _pool(target, draft)
     in_dim = len(token_features([1])) if feature == "tokens" else target.config.hidden_size
     torch.manual_seed(batch)
@@ -100,7 +100,7 @@ def test_offline_policy_gives_the_target_greedy_output(models, batch, feature):
 @pytest.mark.parametrize("arm", [0, 1, 2, NO_DRAFT])
 def test_a_selector_that_always_picks_arm_k_equals_that_arm_alone(models, arm):
     target, draft = models
-    ids, mask = _prompts(3)
+    ids, mask = left_padded_prompts(3)
     pool = _pool(target, draft)
     arms = [d.name for d in pool] + [NO_DRAFT_ARM]
     fixed = dict(num_assistant_tokens=3, max_new_tokens=20, **COMMON)
@@ -117,7 +117,7 @@ def test_model_drafter_score_counts_its_teacher_forced_predictions(models):
     """``score`` reads the committed tokens it has not seen and counts its right predictions: the
     target scoring itself gets them all right, another model some."""
     target, draft = models
-    ids, mask = _prompts(2)
+    ids, mask = left_padded_prompts(2)
     out = _hf(target, ids, mask, 12)
     from draftwise.engine.sequence import TokenBuffer
 
@@ -154,7 +154,7 @@ def test_selector_saves_and_loads_as_a_folder(tmp_path, models):
 
 def test_mismatched_pool_or_target_is_a_clear_error(tmp_path, models):
     target, draft = models
-    ids, mask = _prompts(1)
+    ids, mask = left_padded_prompts(1)
     pool = _pool(target, draft)
     selector = Selector(["weak", "self", "lookup", NO_DRAFT_ARM], "tokens", len(token_features([1])),
                         target=target_fingerprint(target))
@@ -293,7 +293,7 @@ def test_the_engine_passes_each_prompts_mean_hidden_state(models):
     from draftwise.engine.selector import hidden_features
 
     target, draft = models
-    ids, mask = _prompts(3)
+    ids, mask = left_padded_prompts(3)
     seen = {}
 
     class Recording(OfflinePolicy):

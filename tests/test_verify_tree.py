@@ -10,7 +10,7 @@ import torch
 from draftwise.kernels.reference import verify_chain_ref
 from draftwise.kernels.tree import verify_tree_ref
 
-from test_distribution import ALPHA, chi_square
+from oracles import ALPHA, chi_square
 
 
 @pytest.mark.parametrize("stochastic", [True, False])
