@@ -2,7 +2,7 @@
 
     make bench                      # CPU: torch reference vs C++, JSON in bench/results/
     python -m pytest bench/bench_verify.py --benchmark-only --benchmark-json=OUT.json
-    python bench/report.py OUT.json # the markdown table of the README
+    python bench/report.py OUT.json # the markdown table of docs/benchmarks.md
 
 Inputs are the worst case of an early-exiting kernel: every draft is accepted, so every position
 of the target logits must be read; those bytes are the ones counted (q is read at single entries

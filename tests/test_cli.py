@@ -64,7 +64,7 @@ def test_distill_defaults_are_the_config_defaults():
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         assert {field: getattr(args, option) for field, option in options.items()} == \
             {field: defaults[field] for field in options}
-    assert args.divergence == "fkl" and args.warmup_steps is None  # the README's statement
+    assert args.divergence == "fkl" and args.warmup_steps is None  # as docs/distillation.md states
     assert args.draft_layers == list(DRAFT_LAYERS) and args.on_policy_tokens == ON_POLICY_TOKENS
     config = _distill_config(args)
     assert config == DistillConfig() and config.warmup_steps == config.steps // 10

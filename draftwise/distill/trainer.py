@@ -31,13 +31,13 @@ class DistillConfig:
     ``temperature``: of both distributions in the divergence. These defaults are also
     ``draftwise distill``'s."""
 
-    objective: str = "fkl"  # with cross-entropy, the best greedy objective at the default draft's scale (README)
+    objective: str = "fkl"  # with cross-entropy, the best greedy objective at the default draft's scale (docs/distillation.md)
     beta: float = 0.5
     temperature: float = 1.0
     steps: int = 200  # a short run: under two minutes of training on a 2-core CPU (the default draft: 1800)
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # the rate of the README's study, default draft and baselines
+    lr: float = 1e-3  # the rate of the study, default draft and baselines in docs/distillation.md
     weight_decay: float = 0.0
     warmup_steps: int | None = None  # None: a tenth of steps
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
