@@ -56,16 +56,16 @@ def test_compiled_logits_match_the_eager_forward(pair, batch):
 def test_compiled_runner_forwards_through_the_compiled_graphs(pair, monkeypatch):
     """extend() of a compiled runner calls the compiled entry (and it holds graphs); prefills and
     eager runners do not."""
-    from draftwise.engine import models
+    from draftwise.engine import compiling
 
     target, _ = pair
-    compiled, calls = models._compiled(), []
+    compiled, calls = compiling.compiled_call(), []
 
     def counting(*args, **kwargs):
         calls.append(kwargs["input_ids"].shape[1])
         return compiled(*args, **kwargs)
 
-    monkeypatch.setattr(models, "_compiled", lambda: counting)
+    monkeypatch.setattr(compiling, "compiled_call", lambda: counting)
     eager, runner = (ModelRunner(target, batch_size=1, capacity=16, compile=flag) for flag in (False, True))
     runner.precompile()
     calls.clear()

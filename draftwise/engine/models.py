@@ -46,7 +46,8 @@ import torch
 import transformers
 from packaging.version import Version
 
-from . import attention, skinny_linear
+from . import attention, compiling, skinny_linear
+from .compiling import COMPILE_MAX_TOKENS
 from .cache import KVCache
 
 __all__ = ["ModelRunner"]
@@ -66,31 +67,6 @@ def model_lock(model) -> threading.RLock:
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
         return lock
-
-
-# Decode and verification forwards (``extend`` with at most this many tokens) run compiled when the
-# runner is built with ``compile=True``; prefills and longer forwards run eagerly.
-COMPILE_MAX_TOKENS = 32
-_compiled_call = None
-_PRECOMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> batch kinds compiled
-
-
-def _call_model(model, **kwargs):
-    return model(**kwargs)
-
-
-def _compiled():
-    """One compiled entry point for every runner: compiled graphs are found again by their guards
-    (model, shapes, switches), so a new runner of an already-compiled model does not recompile."""
-    global _compiled_call
-    if _compiled_call is None:
-        # Every model and shape kind compiled hangs on this one function: up to 6 graphs per model
-        # (see ModelRunner.precompile), more than dynamo's default of 8 per function allows for
-        # a target and its drafts. Past the limit a forward would silently run uncompiled.
-        dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-        _compiled_call = torch.compile(_call_model, dynamic=True)
-    return _compiled_call
 
 
 # transformers 5.24 renamed the forward argument that takes the KV cache from ``past_key_values``
@@ -325,7 +301,7 @@ class ModelRunner:
         cache reset."""
         if not self.compiled or self.cache.capacity < 4:
             return
-        done = _PRECOMPILED.setdefault(self.model, set())
+        done = compiling.precompiled_kinds(self.model)
         batch = self.cache.max_batch_size
         # Sizes of 1 get graphs of their own (the cache's rows, the live rows, the tokens).
         kinds = ({"one-row cache": 1} if batch == 1
@@ -353,11 +329,8 @@ class ModelRunner:
         kv_length = self.cache.prepare(steps)  # raises before anything is written if a row is full
         cache = self.cache
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        routing = (self.linears.routing(tokens.numel(), every_size=compiled) if self.linears is not None
-                   else contextlib.nullcontext())
-        gqa = attention.using(self.model) if self.gqa_attention and steps > 1 else contextlib.nullcontext()
-        call = _compiled() if compiled else _call_model
-        with self._switch_lock, torch.inference_mode(), routing, gqa:
+        call = compiling.compiled_call() if compiled else compiling.call_model
+        with self._switched(tokens.numel(), steps, compiled), torch.inference_mode():
             slots = cache.write_slots(steps)[:, 0, :, 0]  # [B, T]: the slots the layers write (one index for all)
             position_ids = (slots - cache.starts[:, None]).clamp_min(0)  # padding queries: position 0
             mask = self._attention_mask(slots, kv_length)
@@ -377,6 +350,17 @@ class ModelRunner:
                 **kwargs,
             )
         return out.logits
+
+    @contextlib.contextmanager
+    def _switched(self, rows: int, steps: int, compiled: bool):
+        """The model's modules as this forward runs them, under the model's lock (other threads'
+        forwards of the same model wait): on the CPU, the skinny GEMM for verification-sized fp32
+        linear layers, and SDPA keeping grouped key/value heads for forwards of several tokens."""
+        routing = (self.linears.routing(rows, every_size=compiled) if self.linears is not None
+                   else contextlib.nullcontext())
+        gqa = attention.using(self.model) if self.gqa_attention and steps > 1 else contextlib.nullcontext()
+        with self._switch_lock, routing, gqa:
+            yield
 
     def _attention_mask(self, slots: torch.Tensor, kv_length: int) -> torch.Tensor:
         """[B, 1, T, S]: query at ``slots[b, t]`` sees s iff ``starts_b <= s <= slots[b, t]``, or
