@@ -285,3 +285,72 @@ def test_tree_steps_refuse_what_they_do_not_run(setting):
     with pytest.raises(ValueError, match="tree_budget"):
         draftwise.generate(target, ids, mask, assistant_model=draft, tree_budget=8, max_new_tokens=4,
                            pad_token_id=PAD, **setting)
+
+
+def test_a_trie_keeps_the_law_of_first_children_only():
+    """Chains [5, 6] and [5, 7] (laws q0, q1): node 5 and its first child 6 keep chain 0's laws;
+    7, a later sibling, is deterministic (one-hot); the root has no law."""
+    vocab = 10
+    q0, q1 = torch.rand(1, 2, vocab), torch.rand(1, 2, vocab)
+    tree = DraftTree.from_chains(torch.tensor([1]), [torch.tensor([[5, 6]]), torch.tensor([[5, 7]])],
+                                 torch.tensor([3]), laws=[q0, q1])
+    assert tree.tokens.tolist() == [[1, 5, 6, 7]] and tree.parents.tolist() == [[-1, 0, 1, 1]]
+    assert torch.equal(tree.probs[0, 1], q0[0, 0]) and torch.equal(tree.probs[0, 2], q0[0, 1])
+    assert torch.equal(tree.probs[0, 3], torch.nn.functional.one_hot(torch.tensor(7), vocab).float())
+    assert not tree.probs[0, 0].any()
+
+
+def test_a_trie_of_two_sampled_chains_emits_the_target_law():
+    """Two chains drawn i.i.d. from one peaked q, merged into a trie: where their first tokens
+    differ, the second is a later sibling, kept because it differs, so deterministic in the trie.
+    The first emitted token follows p (χ²); verifying that sibling against q instead (as if it
+    were drawn from q alone) must fail the same test."""
+    from draftwise.kernels import available_backends, verify_tree
+
+    backend = "cpp" if "cpp" in available_backends("cpu") else "torch"
+    rows, vocab = (200_000 if backend == "cpp" else 20_000), 4
+    p, q = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.7, 0.1, 0.1, 0.1])
+    drawn = torch.multinomial(q, 2 * rows, replacement=True, generator=torch.Generator().manual_seed(0))
+    drawn = drawn.view(rows, 2)
+    zeros = torch.zeros(rows, dtype=torch.int64)
+    tree = DraftTree.from_chains(zeros, [drawn[:, :1], drawn[:, 1:]], zeros, laws=[q.expand(rows, 1, vocab)] * 2)
+    logits = p.log().expand(rows, tree.tokens.shape[1], vocab).contiguous()
+    as_drawn = tree.probs.clone()
+    as_drawn[tree.tokens[:, 2] >= 0, 2] = q  # the teeth: the later sibling verified against q
+    fits = [chi_square(torch.bincount(verify_tree(tree.tokens, tree.parents, probs, logits, temperature=1.0,
+                                                  seed=torch.arange(rows), backend=backend).output_tokens[:, 0],
+                                      minlength=vocab), p) for probs in (tree.probs, as_drawn)]
+    assert fits[0].pvalue > ALPHA, f"first emitted token: {fits[0]}"
+    assert fits[1].pvalue < ALPHA, f"a sibling verified against its law must bias the output: {fits[1]}"
+
+
+def test_sampled_trie_with_laws_keeps_the_target_law_and_accepts_more():
+    """A sampled draft's chain in the trie with its laws: the first two tokens keep the target's
+    law (χ²), and more drafted tokens pass than when every node is deterministic."""
+    target = tiny_model("llama", layers=2, vocab=16, seed=0)
+    target.generation_config.eos_token_id = None
+    draft = tiny_model("llama", layers=1, vocab=16, seed=3)
+    prompt = torch.tensor([[3, 7, 5, 3, 7]])
+    law = first_two_token_law(target, prompt, 0.8)
+    common = dict(max_new_tokens=3, do_sample=True, temperature=0.8, top_k=0, pad_token_id=0,
+                  return_dict_in_generate=True, num_assistant_tokens=3, assistant_confidence_threshold=0.0)
+    out = draftwise.generate(target, prompt.repeat(20_000, 1), drafts=[draft, PromptLookupDrafter()], tree_budget=6,
+                             seed=5, **common)
+    pairs = out.sequences[:, -3] * 16 + out.sequences[:, -2]
+    fit = chi_square(torch.bincount(pairs, minlength=256), law.flatten())
+    assert fit.pvalue > ALPHA, f"joint law of the first two tokens: {fit}"
+    with_laws = out.spec_stats.accepted / out.spec_stats.drafted
+    import draftwise.engine.tree as tree_module
+
+    original = tree_module.DraftTree.from_chains.__func__
+
+    def without_laws(cls, root, chains, prefix_lengths, max_nodes=64, laws=None):
+        return original(cls, root, chains, prefix_lengths, max_nodes)
+
+    try:
+        tree_module.DraftTree.from_chains = classmethod(without_laws)
+        one_hot = draftwise.generate(target, prompt.repeat(20_000, 1), drafts=[draft, PromptLookupDrafter()],
+                                     tree_budget=6, seed=5, **common)
+    finally:
+        tree_module.DraftTree.from_chains = classmethod(original)
+    assert with_laws > one_hot.spec_stats.accepted / one_hot.spec_stats.drafted + 0.02

@@ -155,18 +155,23 @@ class Decoder:
     def _draft_tree(self, buffer: TokenBuffer) -> DraftTree:
         """One draft model alone: its dynamic tree (EAGLE-2's rule) under the node budget. Any other
         set of drafters: their proposals (prompt lookup: each distinct earlier match) merged into a
-        trie, earlier drafters first while the budget lasts."""
+        trie, earlier drafters first while the budget lasts; a sampled draft's first-child nodes
+        keep the laws their tokens were drawn from (see ``DraftTree.from_chains``)."""
         nodes = self.tree_budget + 1  # the root too
         if len(self.drafters) == 1 and hasattr(self.drafters[0], "propose_tree"):
             return self.drafters[0].propose_tree(buffer, nodes)
-        chains = []
+        chains, laws = [], []
         for drafter in self.drafters:
             if hasattr(drafter, "propose_branches"):
-                chains += drafter.propose_branches(buffer, min(self.tree_budget, self.max_draft), branches=4)
+                branches = drafter.propose_branches(buffer, min(self.tree_budget, self.max_draft), branches=4)
+                chains += branches
+                laws += [None] * len(branches)
             else:
-                chains.append(drafter.propose(buffer, self.tree_gamma, self.sampling).tokens)
+                draft = drafter.propose(buffer, self.tree_gamma, self.sampling)
+                chains.append(draft.tokens)
+                laws.append(draft.probs)  # sampled drafts: the laws their tokens were drawn from
         root = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1)).squeeze(1)
-        return DraftTree.from_chains(root, chains, buffer.lengths - 1, max_nodes=nodes)
+        return DraftTree.from_chains(root, chains, buffer.lengths - 1, max_nodes=nodes, laws=laws)
 
     def _record_tree(self, tree: DraftTree, num_accepted: torch.Tensor, emitted: torch.Tensor,
                      times: list[float]) -> None:

@@ -75,41 +75,41 @@ class DraftTree:
 
     @classmethod
     def from_chains(cls, root: torch.Tensor, chains: list[torch.Tensor], prefix_lengths: torch.Tensor,
-                    max_nodes: int = MAX_NODES) -> "DraftTree":
-        """Several drafters' one-hot chains (``chains[i]``: ``[B, K_i]``, -1 pads) merged into one
-        trie per row: a prefix two chains share is one path; each node's ``owner`` is the first
-        chain that proposed it. A row keeps at most ``max_nodes`` nodes (the root included), the
-        earlier chains first. Sampled drafts, whose laws differ per drafter, keep their chains."""
+                    max_nodes: int = MAX_NODES, laws: Optional[list[Optional[torch.Tensor]]] = None) -> "DraftTree":
+        """Several drafters' chains (``chains[i]``: ``[B, K_i]``, -1 pads) merged into one trie per
+        row: a prefix two chains share is one path; each node's ``owner`` is the first chain that
+        proposed it. A row keeps at most ``max_nodes`` nodes (the root included), the earlier
+        chains first.
+
+        ``laws[i]`` (``[B, K_i, V]`` or None) is the law each token of chain i was drawn from. A
+        node keeps its chain's law only when it is the first child of its parent: its token was
+        then drawn from that law given exactly the node's path, independently of its siblings.
+        Every other node is deterministic (one-hot): a later sibling exists because its token
+        differs from the earlier ones, so it was not drawn from its law alone, and recursive
+        rejection stays exact only for deterministic siblings there."""
         if not 1 <= max_nodes <= MAX_NODES:
             raise ValueError(f"max_nodes: expected a value in [1, {MAX_NODES}], got {max_nodes}")
-        batch = root.shape[0]
-        rows = []
-        for b in range(batch):
-            tokens, parents, owner = [int(root[b])], [-1], [-1]
-            children: dict[tuple[int, int], int] = {}
-            for index, chain in enumerate(chains):
-                node = 0
-                for token in chain[b].tolist():
-                    if token < 0:
-                        break
-                    child = children.get((node, token))
-                    if child is None:
-                        if len(tokens) == max_nodes:
-                            break
-                        child = len(tokens)
-                        children[(node, token)] = child
-                        tokens.append(token)
-                        parents.append(node)
-                        owner.append(index)
-                    node = child
-            rows.append((tokens, parents, owner))
-        width = max(len(tokens) for tokens, _, _ in rows)
+        laws = list(laws) if laws is not None else [None] * len(chains)
+        if len(laws) != len(chains):
+            raise ValueError(f"laws: expected one entry per chain ({len(chains)}), got {len(laws)}")
+        rows = [_trie_row(b, int(root[b]), chains, max_nodes) for b in range(root.shape[0])]
+        width = max(len(tokens) for tokens, _, _, _ in rows)
 
         def padded(column: int, fill: int) -> torch.Tensor:
             return torch.tensor([row[column] + [fill] * (width - len(row[column])) for row in rows],
                                 dtype=torch.int64, device=root.device)
 
-        return cls(padded(0, -1), padded(1, -1), prefix_lengths, None, padded(2, -1))
+        tokens = padded(0, -1)
+        probs = None
+        if any(law is not None for law in laws):
+            vocab = next(law for law in laws if law is not None).shape[-1]
+            probs = torch.nn.functional.one_hot(tokens.clamp(min=0), vocab).float()
+            probs[:, 0] = 0.0  # the root is committed, not drafted
+            for b, (_, _, _, sources) in enumerate(rows):
+                for node, (chain, position) in sources.items():
+                    if laws[chain] is not None:
+                        probs[b, node] = laws[chain][b, position].float()
+        return cls(tokens, padded(1, -1), prefix_lengths, probs, padded(2, -1))
 
     def attention_mask(self) -> torch.Tensor:
         """``[B, T, T]`` bool: node i attends to node j (the tree block of the attention mask)."""
@@ -131,3 +131,30 @@ class DraftTree:
 def _bit(j: int) -> torch.Tensor:
     """Bit j of an int64 (bit 63 is the sign bit: the value is negative, the bit pattern right)."""
     return torch.tensor(1 << j if j < 63 else -(1 << 63), dtype=torch.int64)
+
+
+def _trie_row(b: int, root: int, chains: list[torch.Tensor], max_nodes: int):
+    """Row b's trie: ``(tokens, parents, owner, sources)``, where ``sources`` maps each node that is
+    the first child of its parent to the (chain, position) that drew it."""
+    tokens, parents, owner, sources = [root], [-1], [-1], {}
+    children: dict[tuple[int, int], int] = {}
+    has_child: set[int] = set()
+    for index, chain in enumerate(chains):
+        node = 0
+        for position, token in enumerate(chain[b].tolist()):
+            if token < 0:
+                break
+            child = children.get((node, token))
+            if child is None:
+                if len(tokens) == max_nodes:
+                    break
+                child = len(tokens)
+                children[(node, token)] = child
+                if node not in has_child:
+                    sources[child] = (index, position)
+                    has_child.add(node)
+                tokens.append(token)
+                parents.append(node)
+                owner.append(index)
+            node = child
+    return tokens, parents, owner, sources
