@@ -398,3 +398,21 @@ def test_cuda_real_sizes(nodes, q_heads, kv_heads, head_dim, dtype):
         out, lse = tree_attention(**args, num_splits=num_splits, return_lse=True)
         torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[dtype])
         assert_lse_equal(lse, expected_lse, **TOLERANCE[dtype])
+
+
+def test_the_custom_op_equals_the_call_and_holds_in_a_graph():
+    from draftwise.kernels import tree_attention_op
+
+    g = torch.Generator().manual_seed(3)
+    batch, nodes, hq, hkv, dim, slots = 2, 4, 6, 2, 16, 24
+    q = torch.randn(batch, nodes, hq, dim, generator=g)
+    k, v = (torch.randn(batch, hkv, slots, dim, generator=g) for _ in range(2))
+    prefix = torch.tensor([5, 9])
+    mask = torch.tensor([[0b1, 0b11, 0b101, 0b1011], [0b1, 0b11, 0b111, 0b1111]])
+    args = (q, k, v, prefix, mask, None, 0.25, "torch")
+    torch.library.opcheck(tree_attention_op, args)
+    want = tree_attention_ref(q, k, v, prefix, mask, 0.25)
+    assert torch.allclose(torch.ops.draftwise.tree_attention(*args), want, atol=1e-5)
+    compiled = torch.compile(lambda x: torch.ops.draftwise.tree_attention(x * 1.0, *args[1:]), backend="aot_eager",
+                             fullgraph=True)
+    assert torch.allclose(compiled(q), want, atol=1e-5)

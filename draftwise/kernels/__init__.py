@@ -6,7 +6,7 @@ The leaf layer: nothing here imports from ``draftwise.engine`` or ``draftwise.di
 from __future__ import annotations
 
 from .backend import BACKENDS, available_backends, get_implementation, resolve_backend
-from .op import op_arguments, verify_chain_op, verify_tree_op
+from .op import op_arguments, tree_attention_op, verify_chain_op, verify_tree_op
 from .reference import seeded_uniforms, verify_chain_ref
 from .spec import PAD_TOKEN, ChainInputs, Lenience, Uniforms, VerifyOutput, normalize_inputs
 from .tree import TreeVerifyOutput, verify_tree, verify_tree_ref
@@ -27,6 +27,7 @@ __all__ = [
     "resolve_backend",
     "seeded_uniforms",
     "tree_attention",
+    "tree_attention_op",
     "tree_attention_ref",
     "verify_chain",
     "verify_chain_op",

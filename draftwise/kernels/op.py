@@ -134,3 +134,36 @@ def _tree_op_checks(tree_tokens, parents, draft_probs, target_logits, backend, *
         raise ValueError(f"draft_probs: expected the shape of target_logits {tuple(target_logits.shape)}")
     if check_device:
         resolve_backend(backend, target_logits.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# ``torch.ops.draftwise.tree_attention``
+
+
+@torch.library.custom_op("draftwise::tree_attention", mutates_args=())
+def tree_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    tree_mask: torch.Tensor,
+    prefix_starts: Optional[torch.Tensor],
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """Tree attention (:func:`~draftwise.kernels.tree_attention`) as a custom op, for graphs:
+    ``[B, T, Hq, D]`` in q's dtype. No host sync: the values of ``prefix_lengths`` and
+    ``prefix_starts`` are not validated (loads stay inside the cache whatever they hold)."""
+    from .tree_attention import tree_attention
+
+    return tree_attention(q, k, v, prefix_lengths, tree_mask, scale, backend, prefix_starts=prefix_starts,
+                          validate=False)
+
+
+@tree_attention_op.register_fake
+def _(q, k, v, prefix_lengths, tree_mask, prefix_starts, scale, backend):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError("q, k, v: expected q [B, T, Hq, D] and k, v [B, Hkv, S, D] of one shape")
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend: expected 'torch' or 'triton', got {backend!r}")
+    return torch.empty_like(q)
