@@ -108,7 +108,7 @@ void skinny_linear_py(uintptr_t x_ptr, uintptr_t weight_ptr, uintptr_t bias_ptr,
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "draftwise C++ CPU kernels (raw-pointer interface; see draftwise/kernels/cpu.py)";
+  m.doc() = "draftwise C++ CPU kernels (raw-pointer interface; see draftwise/kernels/chain_cpp.py and tree_cpp.py)";
   m.def("verify_chain", &verify_chain_py,
         "Chain verification on contiguous CPU buffers. Pointers are addresses (0 = absent); "
         "dtype codes: 0 float32, 1 float64, 2 float16, 3 bfloat16.",

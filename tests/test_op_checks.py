@@ -393,12 +393,12 @@ def test_opcheck(backend, changes):
 
 
 def _implementations():
-    from draftwise.kernels.cpu import verify_chain_cpp
+    from draftwise.kernels.chain_cpp import verify_chain_cpp
     from draftwise.kernels.reference import chain_reference
 
     found = {"torch": chain_reference, "cpp": verify_chain_cpp}
     if "triton" in BACKENDS:
-        from draftwise.kernels.verify import verify_chain_triton
+        from draftwise.kernels.chain_triton import verify_chain_triton
 
         found["triton"] = verify_chain_triton
     return found
@@ -438,7 +438,7 @@ def test_public_call_takes_int32_ids(backend):
 # The C++ extension's raw-pointer entry checks what it can see.
 
 def _raw_call(**overrides):
-    from draftwise.kernels import cpu
+    from draftwise.kernels import chain_cpp
 
     batch, k, vocab = 2, 3, 11
     tokens, probs, logits = make_case(batch, k, vocab, seed=0)
@@ -456,7 +456,7 @@ def _raw_call(**overrides):
         accept_probs_ptr=0, num_threads=1,
     )
     kwargs.update(overrides)
-    cpu._extension().verify_chain(**kwargs)
+    chain_cpp._extension().verify_chain(**kwargs)
     return output_tokens
 
 

@@ -9,9 +9,9 @@ import torch
 _C = pytest.importorskip("draftwise._C", reason="the C++ extension draftwise._C is not built")
 
 from draftwise.kernels import Lenience, normalize_inputs, seeded_uniforms  # noqa: E402
-from draftwise.kernels import cpu  # noqa: E402
+from draftwise.kernels import chain_cpp  # noqa: E402
 from draftwise.kernels.backend import REBUILD_HINT  # noqa: E402
-from draftwise.kernels.cpu import verify_chain_cpp  # noqa: E402
+from draftwise.kernels.chain_cpp import verify_chain_cpp  # noqa: E402
 from draftwise.kernels.reference import chain_reference, philox_uniform  # noqa: E402
 
 from cases import make_case, make_uniforms  # noqa: E402
@@ -279,7 +279,7 @@ def test_threads_do_not_change_the_result(batch, k, vocab):
 
 
 def test_missing_extension_names_the_rebuild_command(monkeypatch):
-    monkeypatch.setattr(cpu, "_C", None)
+    monkeypatch.setattr(chain_cpp, "_C", None)
     tokens, draft_probs, logits = make_case(1, 2, 10, seed=0)
     with pytest.raises(RuntimeError, match="Rebuild with"):
         verify_chain_cpp(normalize_inputs(tokens, draft_probs, logits, seed=0))

@@ -255,7 +255,7 @@ def test_bad_input_is_named(backend):
 @pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="the C++ extension draftwise._C is not built")
 def test_cpp_kernel_checks_parents_itself():
     """The raw-pointer kernel never walks out of a row on bad parents, whatever its caller checked."""
-    from draftwise.kernels.cpu_tree import verify_tree_cpp
+    from draftwise.kernels.tree_cpp import verify_tree_cpp
 
     tokens, parents, q, logits = make_tree_case(STAR, 2, seed=61)
     rows = (torch.ones(2), torch.zeros(2, dtype=torch.int64), torch.ones(2), torch.arange(2))

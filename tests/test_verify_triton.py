@@ -19,8 +19,8 @@ tl = pytest.importorskip("triton.language")
 
 from draftwise.kernels.reference import chain_reference, philox_uniform  # noqa: E402
 from draftwise.kernels.spec import PAD_TOKEN, Lenience, Uniforms, normalize_inputs  # noqa: E402
-from draftwise.kernels.verify import philox_uniform as kernel_philox  # noqa: E402
-from draftwise.kernels.verify import verify_chain_triton  # noqa: E402
+from draftwise.kernels.chain_triton import philox_uniform as kernel_philox  # noqa: E402
+from draftwise.kernels.chain_triton import verify_chain_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Several vocabulary chunks per program grid even at V = 111: exercises the cross-chunk combine.

@@ -94,11 +94,11 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
 def get_implementation(name: str) -> ChainImpl:
     """The chain-verification function of backend ``name`` (imported on first use)."""
     if name == "triton":
-        from .verify import verify_chain_triton
+        from .chain_triton import verify_chain_triton
 
         return verify_chain_triton
     if name == "cpp":
-        from .cpu import verify_chain_cpp
+        from .chain_cpp import verify_chain_cpp
 
         return verify_chain_cpp
     if name == "torch":

@@ -238,7 +238,7 @@ def _implementation(name: str):
 
         return verify_tree_triton
     if name == "cpp":
-        from .cpu_tree import verify_tree_cpp
+        from .tree_cpp import verify_tree_cpp
 
         return verify_tree_cpp
     return _verify_tree_torch

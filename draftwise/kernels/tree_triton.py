@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .tree import TreeVerifyOutput, trim_outputs
-from .verify import (
+from .chain_triton import (
     _contiguous_last, _filtered, _logits, _max_sum_argmax, _probs, _race_exponential, _race_key, _readable_float,
     philox_uniform, philox_word,
 )

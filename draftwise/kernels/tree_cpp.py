@@ -1,6 +1,6 @@
 """Token-tree verification by the C++ CPU kernel ``draftwise._C`` (``csrc/verify_tree.cpp``).
 
-As :mod:`draftwise.kernels.cpu` does for chains, this module owns every buffer: each input a
+As :mod:`draftwise.kernels.chain_cpp` does for chains, this module owns every buffer: each input a
 contiguous buffer of a dtype the kernel reads, the outputs allocated here, addresses, sizes and
 dtype codes passed. The kernel writes ``[B, T]`` outputs and each row's deepest valid depth; they
 are cut to the batch's deepest node as :func:`~draftwise.kernels.tree.verify_tree_ref` returns them.
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .cpu import FLOAT32, FLOAT_DTYPES, INT64, _address, _buffer, _extension, _law_pointers
+from .chain_cpp import FLOAT32, FLOAT_DTYPES, INT64, _address, _buffer, _extension, _law_pointers
 from .tree import TreeVerifyOutput, trim_outputs
 
 
