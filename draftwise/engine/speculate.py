@@ -14,9 +14,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from draftwise.kernels import PAD_TOKEN, Lenience
+from draftwise.kernels import PAD_TOKEN, Lenience, resolve_backend
 from draftwise.kernels.spec import ChainInputs, LenienceKind, VerifyOutput
-from draftwise.kernels.tree import verify_tree
+from draftwise.kernels.tree import tree_implementation
 
 from .drafters import Draft
 from .models import ModelRunner
@@ -76,6 +76,8 @@ class Decoder:
         self.produced = torch.zeros_like(buffer.lengths)
         self.results: dict[int, torch.Tensor] = {}
         self.steps_done = 0
+        if self.tree_budget:  # trees are valid by construction: the backend's kernel without verify_tree's checks
+            self.verify_tree = tree_implementation(resolve_backend(self.backend, device))
         for name in {d.name for d in self.drafters} if len(self.drafters) > 1 else ():
             self.stats.per_draft[name] = SpecStats()
 
@@ -142,8 +144,8 @@ class Decoder:
             logits = self.target.extend_tree(tree.tokens.clamp(min=0), tree.depth, tree.ancestors)
         with self.timer(times):
             s = self.sampling
-            out = verify_tree(tree.tokens, tree.parents, tree.probs, logits, temperature=s.temperature,
-                              top_k=s.top_k, top_p=s.top_p, seed=s.step_seeds(self.produced), backend=self.backend)
+            out = self.verify_tree(tree.tokens, tree.parents, tree.probs, logits, s.temperature, s.top_k, s.top_p,
+                                   s.step_seeds(self.produced))
         path = out.path.clamp(min=0)  # entries past the accepted path: the root, never committed
         self.target.cache.commit_path(path, out.num_accepted + 1)  # the root and the accepted nodes
         path_logits = logits.gather(1, path.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))

@@ -220,7 +220,7 @@ def verify_tree(tree_tokens: torch.Tensor, parents: torch.Tensor, draft_probs: O
     if batch == 0:
         empty = torch.empty((0, 1), dtype=torch.int64, device=target_logits.device)
         return TreeVerifyOutput(empty, empty.clone(), empty.new_empty((0,)))
-    return _implementation(name)(tree_tokens, parents, draft_probs, target_logits, *rows)
+    return tree_implementation(name)(tree_tokens, parents, draft_probs, target_logits, *rows)
 
 
 def trim_outputs(path: torch.Tensor, output_tokens: torch.Tensor, num_accepted: torch.Tensor,
@@ -230,9 +230,11 @@ def trim_outputs(path: torch.Tensor, output_tokens: torch.Tensor, num_accepted: 
     return TreeVerifyOutput(path[:, :width].contiguous(), output_tokens[:, :width].contiguous(), num_accepted)
 
 
-def _implementation(name: str):
+def tree_implementation(name: str):
     """The tree-verification function of backend ``name``, with the signature
-    ``(tree_tokens, parents, draft_probs, target_logits, temperature, top_k, top_p, seeds)``."""
+    ``(tree_tokens, parents, draft_probs, target_logits, temperature, top_k, top_p, seeds)``
+    (per-row ``[B]`` tensors). It checks nothing: :func:`verify_tree` checks its inputs first;
+    a caller whose trees are valid by construction (the engine's) calls it directly."""
     if name == "triton":
         from .tree_triton import verify_tree_triton
 
