@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from oracles import ALPHA, chi_square
-from oracles import first_two_token_law
+from oracles import ALPHA, chi_square, first_two_token_law
 from tiny_models import tiny_model
 
 import draftwise
@@ -96,3 +95,16 @@ def test_a_drafter_proposing_more_than_the_cache_s_room_is_cut_to_the_maximum_ga
                            pad_token_id=PAD)
     assert torch.equal(out.sequences, want)
     assert max(out.spec_stats.gammas) == 12
+
+
+def test_a_lookup_step_without_a_match_verifies_no_padding():
+    """Prompt lookup on text that never repeats proposes nothing: each step is then a plain decode
+    (the target's call one token wide), not a call over columns of padding."""
+    target = tiny_model("llama", seed=0)
+    prompt = torch.arange(3, 11).view(1, -1)  # 8 distinct ids
+    out = draftwise.generate(target, prompt, assistant_model=PromptLookupDrafter(), num_assistant_tokens=4,
+                             do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=None,
+                             return_dict_in_generate=True)
+    steps = out.spec_stats.trace
+    empty = [step for step in steps if step.drafted == [0]]
+    assert empty and all(step.width == 1 for step in empty)

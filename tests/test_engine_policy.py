@@ -217,3 +217,24 @@ def test_a_batch_step_drafts_with_one_model_at_most():
             state.drafted, state.accepted = drafted, accepted
     assert [policy._choose_row(row) for row in policy.rows] == [0, 2, 0]
     assert policy.choose().drafter == [0, 1, 0]
+
+
+@pytest.mark.parametrize("lookup_proposes", [1.0, 0.1])
+def test_a_batch_plan_counts_how_often_prompt_lookup_finds_a_match(lookup_proposes):
+    """Two rows where prompt lookup (arm 1) is accepted more often than the draft model (arm 0)
+    whenever it proposes: the plan takes lookup while it finds matches, and the model when it
+    rarely does (a step where lookup proposes nothing emits one token)."""
+    from draftwise.engine.policy import PolicyContext
+
+    policy = AdaptivePolicy()
+    context = PolicyContext(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long), 4,
+                            with_model=(True, False))
+    policy.start(2, 2, context)
+    policy.costs.observe(_trace([0, 0], [3, 3], [1, 1], {0: 0.003}, 0.040, 4))
+    policy.costs.draft[1] = 0.0001
+    for row in policy.rows:
+        model, lookup = row.arms
+        model.drafted, model.accepted = 20.0, 12.0
+        lookup.drafted, lookup.accepted = 20.0, 18.0
+        lookup.offered, lookup.proposed = 20.0, 20.0 * lookup_proposes
+    assert policy.choose().drafter == ([1, 1] if lookup_proposes == 1.0 else [0, 0])
