@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ import transformers
 import draftwise
 from draftwise.defaults import DEFAULT_DRAFT, MODEL_DRAFT, demo_prompts, load_default, load_model_draft
 from draftwise.engine import skinny_linear
-from draftwise.engine.stats import SpecStats
+from draftwise.measure import Tally, timed
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,26 +42,18 @@ def _batches(tokenizer, prompts: list[str], batch: int, limit: int) -> list[dict
             for i in range(0, len(prompts) - batch + 1, batch)]
 
 
-def _new_tokens(sequences: torch.Tensor, width: int, pad: int) -> int:
-    return int((sequences[:, width:] != pad).sum())
-
-
 def _measure(name, run, batches, pad) -> dict:
-    tokens, seconds, stats = 0, 0.0, []
+    total = Tally()
     for inputs in batches:
-        start = time.perf_counter()
-        out = run(inputs)
-        seconds += time.perf_counter() - start
-        sequences = out.sequences if hasattr(out, "sequences") else out
-        tokens += _new_tokens(sequences, inputs["input_ids"].shape[1], pad)
-        if getattr(out, "spec_stats", None) is not None:
-            stats.append(out.spec_stats)
-    row = {"provider": name, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
-    if stats:
-        total = SpecStats.total(stats)
-        row.update(alpha=total.alpha, tau=total.tau, time_draft=total.time_draft, time_target=total.time_target,
-                   time_verify=total.time_verify, time_other=total.time_other)
-        row["overhead"] = (row["time_verify"] + row["time_other"]) / seconds
+        seconds, out = timed(lambda: run(inputs))
+        total.add(seconds, out, inputs["input_ids"].shape[1], pad)
+    row = {"provider": name, "tokens": total.tokens, "seconds": total.seconds,
+           "tokens_per_second": total.tokens_per_second}
+    if total.stats:
+        pooled = total.pooled
+        row.update(alpha=pooled.alpha, tau=pooled.tau, time_draft=pooled.time_draft, time_target=pooled.time_target,
+                   time_verify=pooled.time_verify, time_other=pooled.time_other)
+        row["overhead"] = (row["time_verify"] + row["time_other"]) / total.seconds
     return row
 
 

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 
 import draftwise
 from draftwise.defaults import load_default
-from draftwise.distill.data import chat_text
 from draftwise.distill.prompts import KINDS, evaluation_prompts
 from draftwise.engine import AdaptivePolicy, PromptLookupDrafter
+from draftwise.prompts import chat_text
 
 NEW_TOKENS = 48
 

@@ -8,7 +8,10 @@ prompt by prompt in one process:
 - the target alone (Hugging Face's `model.generate`), the baseline of every speedup;
 - the default draft as a chain: each fixed γ, and the default adaptive schedule;
 - the default draft's dynamic tree (`tree_budget=N`, EAGLE-2's rule) at several budgets;
-- the trie of the default draft's chain and prompt lookup's matches (`drafts=[draft, lookup]`).
+- the trie of the default draft's chain and prompt lookup's matches (`drafts=[draft, lookup]`);
+- `tree_budget="auto"`: chain or tree steps, whichever measures faster.
+
+`--arms` keeps the arms whose names contain one of the given words (the target alone always runs).
 
     .venv/bin/python bench/bench_trees.py --per-kind 1 --out bench/results/trees_cpu
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import time
 from pathlib import Path
 
@@ -50,6 +54,8 @@ def arms(target, draft, tokenizer, sample: bool) -> dict:
     runs["trie: draft + lookup, 16 nodes"] = lambda x: draftwise.generate(
         target, **x, drafts=[draft, PromptLookupDrafter()], tree_budget=16, num_assistant_tokens=4,
         assistant_confidence_threshold=0.0, **ours)
+    runs["auto: chain or tree"] = lambda x: draftwise.generate(target, **x, assistant_model=draft,
+                                                               tree_budget="auto", **ours)
     return runs
 
 
@@ -101,6 +107,7 @@ def main() -> None:
     parser.add_argument("--per-kind", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample", action="store_true", help="sample at T = 1 instead of greedy decoding")
+    parser.add_argument("--arms", nargs="*", default=None, help="words: keep only the arms whose names hold one")
     parser.add_argument("--out", default="bench/results/trees_cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -108,11 +115,15 @@ def main() -> None:
     draft = pool_drafters(target)[0]  # the default draft
     prompts = evaluation_set(tokenizer, args.per_kind, args.seed)
     runs = arms(target, draft, tokenizer, args.sample)
+    if args.arms:
+        runs = {name: run for name, run in runs.items()
+                if name == "target alone" or any(word in name for word in args.arms)}
     records = measure(runs, tokenizer, prompts, args.sample)
     names = [n for n in runs if n != "target alone"]
     table = summary(records, names)
     command = (f"python bench/bench_trees.py --per-kind {args.per_kind} --seed {args.seed}"
-               + (" --sample" if args.sample else "") + f" --out {args.out}")
+               + (" --sample" if args.sample else "") + (f" --arms {shlex.join(args.arms)}" if args.arms else "")
+               + f" --out {args.out}")
     mode = "sampled at T = 1" if args.sample else "greedy"
     lines = [f"# Token trees against chains (default pair, batch 1, {mode}, {NEW_TOKENS} new tokens)", "",
              f"Command: `{command}` on {platform.processor() or platform.machine()}, torch {torch.__version__}.", "",

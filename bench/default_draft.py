@@ -21,9 +21,9 @@ import torch
 import transformers
 
 from draftwise.defaults import DEFAULT_DRAFT, demo_prompts, load_default
-from draftwise.distill.data import chat_text, heldout_requests
 from draftwise.distill.evaluate import evaluate_drafts, format_rows
 from draftwise.engine import LookupThenModelDrafter, ModelDrafter, load_draft
+from draftwise.prompts import chat_text, heldout_requests
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from draftwise.defaults import default_cache_dir, load_target
-from draftwise.distill.data import chat_text, heldout_requests
 from draftwise.distill.evaluate import evaluate_drafts
 from draftwise.distill.recipe import DataSpec, distill, prepare_data
 from draftwise.distill.trainer import DistillConfig
 from draftwise.engine.draft_model import load_draft
+from draftwise.prompts import chat_text, heldout_requests
 
 RESULTS = Path(__file__).parent / "results"
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")

@@ -3,7 +3,8 @@
 #   bash bench/gpu.sh
 # runs the kernel test tier on the device (Triton compiled for the GPU, not the interpreter:
 # exactness against the torch reference for chains and trees, tree attention, the edge cases,
-# the op checks, the tests marked gpu), then every kernel benchmark (bench/bench_verify.py:
+# the op checks, the tests marked gpu, the engine on the device: greedy output, no device syncs
+# in the loop, token trees through the tree-attention kernel), then every kernel benchmark (bench/bench_verify.py:
 # Triton, the torch reference and its torch.compile, against a device-to-device copy;
 # bench/bench_verify_tree.py; bench/bench_tree_attention.py against SDPA with a mask), and
 # writes everything, with the GPU's name and the versions, under bench/results/gpu/. Uses $PY, else .venv/bin/python, else python3;
@@ -36,9 +37,10 @@ PYEOF
 } | tee "$OUT/versions.txt"
 
 status=0
-"$PY" -m pytest -q -p no:cacheprovider tests/test_verify_triton.py tests/test_verify_exact.py \
+"$PY" -m pytest -q -p no:cacheprovider tests/test_verify_triton.py tests/test_verify_chain.py \
     tests/test_verify_tree.py tests/test_verify_tree_backends.py tests/test_tree_attention.py \
-    tests/test_edge_cases.py tests/test_op_checks.py tests/test_custom_op.py 2>&1 | tee "$OUT/tests.txt" || status=1
+    tests/test_edge_cases.py tests/test_op_checks.py tests/test_custom_op.py tests/test_engine_cuda.py \
+    2>&1 | tee "$OUT/tests.txt" || status=1
 "$PY" -m pytest -q -p no:cacheprovider bench/bench_verify.py --benchmark-only \
     --benchmark-json="$OUT/verify.json" 2>&1 | tail -5 | tee "$OUT/bench.txt" || status=1
 "$PY" -m pytest -q -p no:cacheprovider bench/bench_verify_tree.py --benchmark-only \

@@ -30,8 +30,8 @@ import transformers
 
 import draftwise
 from draftwise.defaults import DEFAULT_DRAFT, load_default
-from draftwise.distill.data import chat_text
 from draftwise.distill.prompts import KINDS, evaluation_prompts
+from draftwise.prompts import chat_text
 
 RESULTS = Path(__file__).parent / "results"
 

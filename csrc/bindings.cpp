@@ -25,7 +25,7 @@ void verify_chain_py(uintptr_t draft_tokens_ptr, uintptr_t draft_probs_ptr, int 
                      int accept_uniforms_dtype, uintptr_t race_uniforms_ptr,
                      int race_uniforms_dtype, int64_t batch, int64_t num_draft, int64_t vocab,
                      int lenience_kind, double lenience_epsilon, uintptr_t output_tokens_ptr,
-                     uintptr_t num_accepted_ptr, uintptr_t accept_probs_ptr, int num_threads) {
+                     uintptr_t num_accepted_ptr, int num_threads) {
   draftwise::ChainArgs a;
   a.draft_tokens_ptr = pointer<const int64_t>(draft_tokens_ptr);
   a.draft_probs_ptr = pointer<const void>(draft_probs_ptr);
@@ -48,7 +48,6 @@ void verify_chain_py(uintptr_t draft_tokens_ptr, uintptr_t draft_probs_ptr, int 
   a.num_threads = num_threads;
   a.output_tokens_ptr = pointer<int64_t>(output_tokens_ptr);
   a.num_accepted_ptr = pointer<int64_t>(num_accepted_ptr);
-  a.accept_probs_ptr = pointer<float>(accept_probs_ptr);
   py::gil_scoped_release release;
   draftwise::verify_chain(a);
 }
@@ -119,7 +118,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("race_uniforms_ptr"), py::arg("race_uniforms_dtype"), py::arg("batch"),
         py::arg("num_draft"), py::arg("vocab"), py::arg("lenience_kind"),
         py::arg("lenience_epsilon"), py::arg("output_tokens_ptr"), py::arg("num_accepted_ptr"),
-        py::arg("accept_probs_ptr"), py::arg("num_threads"));
+        py::arg("num_threads"));
   m.def("verify_tree", &verify_tree_py,
         "Token-tree verification on contiguous CPU buffers (pointers are addresses, 0 = absent; "
         "dtype codes as verify_chain's). Writes path, output_tokens [B, T], num_accepted and the "

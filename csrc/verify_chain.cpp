@@ -2,11 +2,11 @@
 //
 // Per (row, position) one pass over the vocabulary gives the sanitised max, the sum of
 // exp((l - max) / T) and, for greedy rows, the argmax; positions are visited in order and a row
-// stops at its first rejection (unless accept_probs asks for every drafted position). At the
-// emitted position j one more pass races over the residual max(0, p_j - q_j) and over p_j at
-// once: argmax_v w(v) / E_v with E_v = -log(1 - t_v), so the empty-residual fallback costs no extra pass.
-// Bytes: each needed logits row is read once (twice at the emitted position), q is read at
-// the emitted position only (and at every drafted position for accept_probs).
+// stops at its first rejection. At the emitted position j one more pass races over the residual
+// max(0, p_j - q_j) and over p_j at once: argmax_v w(v) / E_v with E_v = -log(1 - t_v), so the
+// empty-residual fallback costs no extra pass. Bytes: each needed logits row is read once (twice
+// at the emitted position), q is read at the emitted position only. The kernel verifies only:
+// accept_probs (a statistic) is computed beside it (draftwise/kernels/backend.py).
 //
 // Work is split into (row, vocabulary chunk) pieces whose partial results are merged in a fixed
 // order, so the result does not depend on the number of threads: a large batch gives each thread
@@ -334,22 +334,6 @@ ChunkStats chunk_stats(const T* logits, int64_t n, int64_t base, float inv_t, bo
   return ChunkStats{m, sum_of(buf, n), -1};
 }
 
-// Sum over the chunk of min(f(p), q) with p = w / z and f the lenience (identity if lossless).
-template <class T, class Q>
-double min_sum_chunk(const T* logits, const Q* probs, int64_t n, const PositionStats& s,
-                     float inv_t, Lenience kind, float epsilon, float* buf) {
-  const float inv_z = static_cast<float>(1.0 / s.z), max = s.max, threshold = s.threshold;
-  const float scale = kind == Lenience::kLinear ? 1.0f / epsilon
-                      : kind == Lenience::kSquare ? 1.0f / (epsilon * epsilon) : 1.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    float p = weight(sanitize_logit(to_float(logits[i])), max, inv_t, threshold) * inv_z * scale;
-    if (kind == Lenience::kPower) p = std::pow(p, epsilon);
-    const float q = sanitize_prob(to_float(probs[i]));
-    buf[i] = p < q ? p : q;
-  }
-  return sum_of(buf, n);
-}
-
 // One pass at the emitted position: race keys of p and of the residual max(0, p - q).
 // Q = NoProbs: q is one-hot at `onehot` (or 0 everywhere when onehot < 0).
 template <class T, class Q>
@@ -521,7 +505,7 @@ void race_noise(const ChainArgs& a, const RowParams& rp, int64_t b, int64_t posi
 // The whole batch.
 //
 // Steps per row: for positions r = 0, 1, ... the statistics of r (chunks, then a merge), the
-// acceptance test, and (accept_probs with q) the sum of min(p, q); the row stops at its first
+// acceptance test; the row stops at its first
 // rejection or at its bonus position k_b; then the race at the emitted position j. A batch with
 // enough rows gives each thread whole rows (no barrier inside the step); a small batch runs the
 // positions in lock step over all rows with the vocabulary chunks spread over the threads. Both
@@ -548,11 +532,9 @@ class Chain {
         logits_(static_cast<const T*>(a.target_logits_ptr)),
         probs_(static_cast<const Q*>(a.draft_probs_ptr)),
         tokens_(a.draft_tokens_ptr),
-        accept_probs_(a.accept_probs_ptr),
         params_(a.batch),
         state_(a.batch),
         chunk_out_(a.batch * chunks_),
-        min_sums_(kHasQ && a.accept_probs_ptr != nullptr ? a.batch * chunks_ : 0),
         race_out_(a.batch * chunks_) {
     for (int64_t b = 0; b < batch_; ++b) {
       RowParams& rp = params_[b];
@@ -570,8 +552,6 @@ class Chain {
       rp.filtered = !rp.greedy && ((rp.top_k > 0 && rp.top_k < vocab_) || rp.top_p < 1.0f);
       rp.seed = a.seeds_ptr != nullptr ? static_cast<uint64_t>(a.seeds_ptr[b]) : 0;
     }
-    if (accept_probs_ != nullptr)
-      std::fill(accept_probs_, accept_probs_ + batch_ * k_, std::numeric_limits<float>::quiet_NaN());
   }
 
   void run(int threads) {
@@ -596,14 +576,8 @@ class Chain {
   const T* logits_row(int64_t b, int64_t r) const { return logits_ + (b * positions_ + r) * vocab_; }
   const Q* probs_row(int64_t b, int64_t r) const { return probs_ + (b * k_ + r) * vocab_; }
 
-  // Position r of row b is computed: the row is still going, or accept_probs needs it.
-  bool needs(int64_t b, int64_t r) const {
-    const int64_t drafted = params_[b].drafted;
-    return r <= drafted && (state_[b].alive || (accept_probs_ != nullptr && r < drafted));
-  }
-  bool needs_min_sum(int64_t b, int64_t r) const {
-    return kHasQ && accept_probs_ != nullptr && !params_[b].greedy && r < params_[b].drafted;
-  }
+  // Position r of row b is computed while the row is still going.
+  bool needs(int64_t b, int64_t r) const { return r <= params_[b].drafted && state_[b].alive; }
 
   void stats_chunk(int64_t b, int64_t r, int64_t c, Scratch& s) {
     const int64_t base = c * kChunk;
@@ -621,41 +595,15 @@ class Chain {
     st.accepted_now = false;
     if (r >= rp.drafted) return;
     const int64_t x = tokens_[b * k_ + r];
-    double accept_prob;
     if (rp.greedy) {
       st.accepted_now = x == st.now.argmax;
-      if constexpr (kHasQ) {
-        accept_prob = sanitize_prob(to_double(probs_row(b, r)[st.now.argmax]));
-      } else {
-        accept_prob = st.accepted_now ? 1.0 : 0.0;
-      }
-    } else {
-      const double p_x = prob_at(row, x, st.now, rp.temperature);
-      double q_x = 1.0;
-      if constexpr (kHasQ) q_x = sanitize_prob(to_double(probs_row(b, r)[x]));
-      const double u = accept_uniform(a_, rp, b, r);
-      const double f_p = lenient(p_x, a_.lenience_kind, a_.lenience_epsilon);
-      st.accepted_now = u * q_x < f_p;
-      accept_prob = f_p < 1.0 ? f_p : 1.0;  // one-hot drafts: P(u < f(p(x)))
+      return;
     }
-    if (accept_probs_ != nullptr && !needs_min_sum(b, r))
-      accept_probs_[b * k_ + r] = static_cast<float>(accept_prob);
-  }
-
-  void min_sum_chunk_of(int64_t b, int64_t r, int64_t c, Scratch& s) {
-    if constexpr (kHasQ) {
-      const int64_t base = c * kChunk;
-      min_sums_[b * chunks_ + c] =
-          min_sum_chunk(logits_row(b, r) + base, probs_row(b, r) + base, chunk_size(c),
-                        state_[b].now, params_[b].inv_t, a_.lenience_kind,
-                        static_cast<float>(a_.lenience_epsilon), s.buf.data());
-    }
-  }
-
-  void finish_min_sum(int64_t b, int64_t r) {
-    double total = 0.0;
-    for (int64_t c = 0; c < chunks_; ++c) total += min_sums_[b * chunks_ + c];
-    accept_probs_[b * k_ + r] = static_cast<float>(total);
+    const double p_x = prob_at(row, x, st.now, rp.temperature);
+    double q_x = 1.0;
+    if constexpr (kHasQ) q_x = sanitize_prob(to_double(probs_row(b, r)[x]));
+    const double u = accept_uniform(a_, rp, b, r);
+    st.accepted_now = u * q_x < lenient(p_x, a_.lenience_kind, a_.lenience_epsilon);
   }
 
   // A row stops at its first rejection or at its bonus position.
@@ -718,10 +666,6 @@ class Chain {
     for (int64_t r = 0; r < positions_ && needs(b, r); ++r) {
       for (int64_t c = 0; c < chunks_; ++c) stats_chunk(b, r, c, s);
       finish_position(b, r, s);
-      if (needs_min_sum(b, r)) {
-        for (int64_t c = 0; c < chunks_; ++c) min_sum_chunk_of(b, r, c, s);
-        finish_min_sum(b, r);
-      }
       advance(b, r);
     }
     if (!params_[b].greedy)
@@ -730,31 +674,28 @@ class Chain {
   }
 
   void lock_step(int threads) {
-    std::vector<int64_t> active, with_min_sum, sampled;
+    std::vector<int64_t> active, sampled;
     bool any_filtered = false;
     for (int64_t b = 0; b < batch_; ++b)
       if (!params_[b].greedy) sampled.push_back(b);
     auto gather = [&](int64_t r) {  // the rows that need position r
       active.clear();
-      with_min_sum.clear();
       any_filtered = false;
       for (int64_t b = 0; b < batch_; ++b) {
         if (!needs(b, r)) continue;
         active.push_back(b);
         any_filtered = any_filtered || params_[b].filtered;
-        if (needs_min_sum(b, r)) with_min_sum.push_back(b);
       }
     };
     gather(0);
     const int64_t chunks = chunks_;
-    // Two barriers per position in the common case (no filter, no accept_probs): the chunks,
+    // Two barriers per position in the common case (no filter): the chunks,
     // then one thread merges, tests and gathers the rows of the next position.
 #pragma omp parallel num_threads(threads)
     {
       Scratch s;
       for (int64_t r = 0; r < positions_ && !active.empty(); ++r) {
         const int64_t n_active = static_cast<int64_t>(active.size());
-        const int64_t n_min_sum = static_cast<int64_t>(with_min_sum.size());
         const bool parallel_finish = any_filtered;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < n_active * chunks; ++task)
@@ -763,20 +704,10 @@ class Chain {
 #pragma omp for schedule(dynamic, 1)
           for (int64_t i = 0; i < n_active; ++i) finish_position(active[i], r, s);
         }
-        if (n_min_sum > 0) {
-          if (!parallel_finish) {
-#pragma omp single
-            for (int64_t b : active) finish_position(b, r, s);
-          }
-#pragma omp for schedule(dynamic, 1)
-          for (int64_t task = 0; task < n_min_sum * chunks; ++task)
-            min_sum_chunk_of(with_min_sum[task / chunks], r, task % chunks, s);
-        }
 #pragma omp single
         {
-          if (!parallel_finish && n_min_sum == 0)
+          if (!parallel_finish)
             for (int64_t b : active) finish_position(b, r, s);
-          for (int64_t b : with_min_sum) finish_min_sum(b, r);
           for (int64_t b : active) advance(b, r);
           gather(r + 1);
         }
@@ -795,11 +726,9 @@ class Chain {
   const T* logits_;
   const Q* probs_;
   const int64_t* tokens_;
-  float* accept_probs_;
   std::vector<RowParams> params_;
   std::vector<RowState> state_;
   std::vector<ChunkStats> chunk_out_;
-  std::vector<double> min_sums_;
   std::vector<RaceStats> race_out_;
 };
 

@@ -40,7 +40,6 @@ struct ChainArgs {
   // Outputs.
   int64_t* output_tokens_ptr = nullptr;  // [B, K+1]
   int64_t* num_accepted_ptr = nullptr;   // [B]
-  float* accept_probs_ptr = nullptr;     // [B, K] or nullptr
 };
 
 // Runs chain verification; throws std::invalid_argument on an unsupported dtype, a negative size,

@@ -80,14 +80,14 @@ def _warm_up(runs: dict, inputs) -> None:
 def _time_demo_runs(runs: dict, tokenizer, prompts: list[str], passes: int):
     """Time every run on every prompt, prompt by prompt with every run in turn (a drifting machine
     slows all alike), the whole pass ``passes`` times; the first pass prints each prompt's output.
-    Returns ``{name: [seconds, new tokens, stats]}`` over all passes and ``{name: [seconds of
+    Returns a :class:`~draftwise.measure.Tally` per run over all passes and ``{name: [seconds of
     each pass]}``."""
     from tqdm.auto import tqdm
 
-    from draftwise.distill.evaluate import timed
+    from draftwise.measure import Tally, timed
 
     inputs = [tokenizer(prompt, return_tensors="pt") for prompt in prompts]
-    totals = {name: [0.0, 0, []] for name in runs}  # seconds, new tokens, stats
+    totals = {name: Tally() for name in runs}
     seconds_per_pass = {name: [0.0] * passes for name in runs}
     with tqdm(total=passes * len(inputs) * len(runs), desc=f"timing ({passes} passes)", unit="run") as bar:
         for index in range(passes):
@@ -97,27 +97,11 @@ def _time_demo_runs(runs: dict, tokenizer, prompts: list[str], passes: int):
                     bar.set_postfix_str(name)
                     seconds, out = timed(lambda: run(x))
                     bar.update()
-                    _add_to_total(totals[name], seconds, out, width, tokenizer.pad_token_id)
+                    totals[name].add(seconds, out, width, tokenizer.pad_token_id)
                     seconds_per_pass[name][index] += seconds
                     if index == 0:
                         reference = _show_output(name, out, reference, tokenizer, width)
     return totals, seconds_per_pass
-
-
-def _add_to_total(total: list, seconds: float, out, width: int, pad: int | None) -> None:
-    total[0] += seconds
-    total[1] += len(_new_tokens(out, width, pad))
-    if getattr(out, "spec_stats", None) is not None:
-        total[2].append(out.spec_stats)
-
-
-def _sequences(out) -> torch.Tensor:
-    return out.sequences if hasattr(out, "sequences") else out
-
-
-def _new_tokens(out, width: int, pad: int | None) -> torch.Tensor:
-    new = _sequences(out)[0, width:]
-    return new[new != pad] if pad is not None else new
 
 
 def _show_output(name: str, out, reference, tokenizer, width: int):
@@ -125,34 +109,35 @@ def _show_output(name: str, out, reference, tokenizer, width: int):
     that a later run's output differs from ``reference``."""
     from tqdm.auto import tqdm
 
+    from draftwise.measure import sequences_of
+
     if reference is None:
+        new = sequences_of(out)[0, width:]
+        new = new[new != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else new
         tqdm.write("-" * 100)
-        tqdm.write(tokenizer.decode(_new_tokens(out, width, tokenizer.pad_token_id),
-                                    skip_special_tokens=True).strip()[:600])
+        tqdm.write(tokenizer.decode(new, skip_special_tokens=True).strip()[:600])
         return out
-    if not torch.equal(_sequences(out), _sequences(reference)):
+    if not torch.equal(sequences_of(out), sequences_of(reference)):
         tqdm.write(f"  [{name}: output differs from the target's own greedy output]")
     return reference
 
 
 def _print_demo_table(totals: dict) -> None:
-    from draftwise.engine.stats import SpecStats
-
-    base = totals["target alone"][1] / totals["target alone"][0]
+    base = totals["target alone"].tokens_per_second
     print("-" * 100)
     print(f"\n{'':44} {'tokens/s':>9} {'speedup':>8} {'alpha':>6} {'tau':>5}")
-    for name, (seconds, tokens, stats) in totals.items():
-        rate = tokens / seconds
+    for name, total in totals.items():
+        rate = total.tokens_per_second
         alpha = tau = ""
-        total = SpecStats.total(stats)
-        if total.drafted:
-            alpha, tau = f"{total.alpha:.3f}", f"{total.tau:.2f}"
+        pooled = total.pooled
+        if pooled.drafted:
+            alpha, tau = f"{pooled.alpha:.3f}", f"{pooled.tau:.2f}"
         print(f"{name:44} {rate:9.1f} {rate / base:7.2f}x {alpha:>6} {tau:>5}")
 
 
 def _unreliable_timing_lines(seconds_per_pass: dict[str, list[float]]) -> list[str]:
     """A warning line for each run whose passes disagree by more than :data:`TIMING_SPREAD_LIMIT`."""
-    from draftwise.distill.evaluate import TIMING_SPREAD_LIMIT, unreliable_timings
+    from draftwise.measure import TIMING_SPREAD_LIMIT, unreliable_timings
 
     return [f"warning: unreliable timings, the machine was busy: '{name}' took "
             f"{min(seconds_per_pass[name]):.1f}-{max(seconds_per_pass[name]):.1f} s per pass, a spread of "
@@ -275,9 +260,9 @@ def _eval_draft(args: argparse.Namespace) -> int:
     """Measure a draft through the engine: α, analytic α, τ and the speedup over the target alone."""
     import json
 
-    from draftwise.distill.data import chat_text, heldout_requests
     from draftwise.distill.evaluate import evaluate_draft, format_rows
     from draftwise.engine.draft_model import load_draft
+    from draftwise.prompts import chat_text, heldout_requests
 
     torch.manual_seed(args.seed)
     requests = heldout_requests(args.prompts_source, args.prompts, seed=args.seed)  # before the models load
@@ -352,9 +337,9 @@ def _field_defaults(cls) -> argparse.Namespace:
 
 def _add_distill(commands) -> None:
     """``draftwise distill``: its defaults are :class:`DistillConfig`'s, :class:`DataSpec`'s and the recipe's."""
-    from draftwise.distill.data import HELDOUT_SOURCES
     from draftwise.distill.recipe import DATA_KINDS, DRAFT_LAYERS, ON_POLICY_TOKENS, PROMPT_SOURCES, DataSpec
     from draftwise.distill.trainer import OBJECTIVES, DistillConfig
+    from draftwise.prompts import HELDOUT_SOURCES
 
     config, spec = _field_defaults(DistillConfig), _field_defaults(DataSpec)
     p = commands.add_parser("distill", help="distil a draft from the target (DistillSpec)",
@@ -403,7 +388,7 @@ def _add_distill(commands) -> None:
 
 
 def _add_eval_draft(commands) -> None:
-    from draftwise.distill.data import HELDOUT_SOURCES
+    from draftwise.prompts import HELDOUT_SOURCES
 
     p = commands.add_parser("eval-draft", help="alpha, tau and speedup of a draft on held-out prompts")
     p.add_argument("--draft", default="default", help="a draft folder, or 'default'")

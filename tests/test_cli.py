@@ -110,7 +110,7 @@ def test_missing_humaneval_names_the_package_before_any_model_loads(monkeypatch,
 
 def test_timing_spread_warning_names_the_unsteady_run():
     from draftwise.cli import _unreliable_timing_lines
-    from draftwise.distill.evaluate import TIMING_SPREAD_LIMIT, relative_spread, unreliable_timings
+    from draftwise.measure import TIMING_SPREAD_LIMIT, relative_spread, unreliable_timings
 
     steady = [10.0, 10.0 * (1 + TIMING_SPREAD_LIMIT / 2), 10.0]
     busy = [10.0, 10.0 * (1 + 2 * TIMING_SPREAD_LIMIT)]
@@ -142,9 +142,9 @@ def test_demo_timing_times_every_run_in_every_pass_and_shows_each_output_once(ca
     answer = torch.tensor([[1, 2, 3, 7, 8]])
     runs = {"target alone": lambda x: answer, "other": lambda x: torch.tensor([[1, 2, 3, 7, 9]])}
     totals, seconds_per_pass = _time_demo_runs(runs, _Tokenizer(), ["p", "q"], passes=3)
-    assert {name: tokens for name, (_, tokens, _) in totals.items()} == {"target alone": 12, "other": 12}
+    assert {name: total.tokens for name, total in totals.items()} == {"target alone": 12, "other": 12}
     assert all(len(seconds) == 3 and all(s > 0 for s in seconds) for seconds in seconds_per_pass.values())
-    assert all(total[0] == pytest.approx(sum(seconds_per_pass[name])) for name, total in totals.items())
+    assert all(total.seconds == pytest.approx(sum(seconds_per_pass[name])) for name, total in totals.items())
     out = capsys.readouterr().out
     assert out.count("answer of 2 tokens") == 2  # the first pass only, once per prompt
     assert out.count("[other: output differs from the target's own greedy output]") == 2

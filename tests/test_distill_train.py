@@ -89,7 +89,7 @@ UNDOCUMENTED = "def double(x):\n    y = x * 2\n    return y\n"
 
 
 def test_completion_requests_show_the_signature_and_docstring_only():
-    from draftwise.distill.data import signature_and_docstring
+    from draftwise.prompts import signature_and_docstring
 
     assert signature_and_docstring(DOCUMENTED) == DOCUMENTED.split("\n    y =")[0]
     assert signature_and_docstring(UNDOCUMENTED) is None

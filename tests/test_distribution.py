@@ -1,4 +1,4 @@
-"""Distribution tests of chain verification (TESTING.md tiers 2 and 3).
+"""Distribution tests of chain verification: goodness of fit and teeth (the README's test tiers 2 and 3).
 
 Every trial is one row of a batch with its own seed, so one ``verify_chain`` call runs many
 independent trials and the whole file is deterministic. The drafted tokens are sampled here from

@@ -7,7 +7,7 @@ from tiny_models import tiny_model
 
 import draftwise
 from draftwise.distill import build_draft, load_draft, save_draft
-from draftwise.distill.draft import trainable_parameters
+from draftwise.distill.trainer import trainable_parameters
 from draftwise.engine.draft_model import check_draft_placement
 
 VOCAB = 101

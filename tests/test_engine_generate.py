@@ -199,3 +199,18 @@ def test_pooled_statistics_are_ratios_of_sums():
     pooled = SpecStats.total([first, second])
     assert pooled.alpha == 8 / 10 and pooled.tau == 14 / 4  # not the mean of 0.5 and 1.0, 2.5 and 4.5
     assert pooled.drafted_at == [4, 4, 2] and pooled.accepted_at == [4, 2, 2]
+
+
+def test_step_counters_add_up_per_drafter(pair):
+    """The per-step host values feed the totals, every drafter's share and the trace alike."""
+    _, target, draft = pair
+    ids, mask = left_padded_prompts(3)
+    out = draftwise.generate(target, ids, mask, drafts=[draft, PromptLookupDrafter(3)], max_new_tokens=16,
+                             do_sample=False, pad_token_id=PAD, eos_token_id=None, return_dict_in_generate=True)
+    stats = out.spec_stats
+    assert stats.drafted == sum(sum(step.drafted) for step in stats.trace) == sum(stats.drafted_at)
+    assert stats.emitted == sum(sum(step.emitted) for step in stats.trace)
+    parts = stats.per_draft.values()
+    assert sum(p.drafted for p in parts) == stats.drafted and sum(p.accepted for p in parts) == stats.accepted
+    assert sum(p.accept_prob_count for p in parts) == stats.accept_prob_count == stats.drafted
+    assert all(0 <= p.analytic_alpha <= 1 for p in parts if p.accept_prob_count)

@@ -354,3 +354,68 @@ def test_sampled_trie_with_laws_keeps_the_target_law_and_accepts_more():
     finally:
         tree_module.DraftTree.from_chains = classmethod(original)
     assert with_laws > one_hot.spec_stats.accepted / one_hot.spec_stats.drafted + 0.02
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tree_steps_through_the_tree_attention_kernel(arch, monkeypatch):
+    """The tree forwards' attention through the Triton tree-attention kernel (CUDA's path; here in
+    the interpreter) gives the target's greedy output, and the kernel really runs."""
+    from draftwise.engine import attention, models
+
+    calls = []
+    kernel = attention.tree_attention
+    monkeypatch.setattr(models, "tree_attention_backend", lambda device: "triton")
+    monkeypatch.setattr(attention, "tree_attention", lambda *args, **kw: calls.append(args[-1]) or kernel(*args, **kw))
+    target, draft = make_pair(arch)
+    ids, mask = left_padded_prompts(3, width=9)
+    want = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
+                           max_new_tokens=12, eos_token_id=None)
+    got = draftwise.generate(target, ids, mask, assistant_model=draft, tree_budget=6, do_sample=False,
+                             pad_token_id=PAD, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(got, want)
+    assert calls and set(calls) == {"triton"}
+
+
+@pytest.mark.parametrize("builder", ["dynamic tree of one draft", "prompt lookup's matches"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chain_and_tree_steps_mixed_give_the_target_greedy_output(arch, builder, monkeypatch):
+    """tree_budget="auto" alternates chain and tree steps here (forced): the drafters re-sync
+    across shapes and the output stays the target's."""
+    from draftwise.engine.policy import StepShapes
+
+    shapes = []
+    monkeypatch.setattr(StepShapes, "tree_next", lambda self: shapes.append(len(shapes) % 2 == 1) or shapes[-1])
+    target, draft = make_pair(arch)
+    ids, mask = left_padded_prompts(3, width=9)
+    ids[:, -4:] = ids[:, 2:6].clone()
+    want = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
+                           max_new_tokens=20, eos_token_id=None)
+    out = draftwise.generate(target, ids, mask, **BUILDERS[builder](draft), tree_budget="auto", do_sample=False,
+                             pad_token_id=PAD, max_new_tokens=20, eos_token_id=None, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want)
+    assert 0 < out.spec_stats.tree_steps < out.spec_stats.target_calls
+
+
+def test_auto_trees_follow_the_measured_rates():
+    """The faster shape runs; the slower one is tried again after pauses that double."""
+    from draftwise.engine.policy import StepShapes
+
+    shapes = StepShapes(first_tree_after=2)
+    ran = []
+    for _ in range(40):
+        tree = shapes.tree_next()
+        ran.append(tree)
+        shapes.observe(tree, tokens=3 if tree else 2, seconds=1.0)  # trees emit more per second
+    assert ran[:2] == [False, True] and sum(ran[10:]) >= 26  # after the first try, mostly trees
+    tries = [i + 1 for i in range(1, 40) if not ran[i] and ran[i - 1]]  # steps that try the chain again
+    assert tries == [6, 14, 30]  # the tree won at step 2: pauses 4, 8, 16
+
+
+def test_auto_trees_need_one_drafter_and_the_adaptive_schedule():
+    target, draft = make_pair("llama")
+    ids, mask = left_padded_prompts(2, width=9)
+    common = dict(tree_budget="auto", do_sample=False, pad_token_id=PAD, max_new_tokens=12, eos_token_id=None,
+                  return_dict_in_generate=True)
+    for kwargs in (dict(drafts=[draft, PromptLookupDrafter()]), dict(assistant_model=draft, num_assistant_tokens=3),
+                   dict(assistant_model=draft, repetition_penalty=1.2)):
+        assert draftwise.generate(target, ids, mask, **kwargs, **common).spec_stats.tree_steps == 0

@@ -453,7 +453,7 @@ def _raw_call(**overrides):
         accept_uniforms_ptr=0, accept_uniforms_dtype=0, race_uniforms_ptr=0, race_uniforms_dtype=0,
         batch=batch, num_draft=k, vocab=vocab, lenience_kind=0, lenience_epsilon=1.0,
         output_tokens_ptr=output_tokens.data_ptr(), num_accepted_ptr=num_accepted.data_ptr(),
-        accept_probs_ptr=0, num_threads=1,
+        num_threads=1,
     )
     kwargs.update(overrides)
     chain_cpp._extension().verify_chain(**kwargs)

@@ -3,44 +3,13 @@ over the target alone (Hugging Face's ``generate`` on the same prompts, timed in
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import torch
 
-from draftwise.engine.stats import SpecStats
+from draftwise.measure import Tally, sequences_of, timed
 
 MODES = {"greedy": dict(do_sample=False), "T=1": dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)}
-# Repeats of the same work whose times spread more than this, (slowest - fastest) / fastest, were
-# slowed by something else on the machine. On an idle 2-core CPU the demo's figures move by a few
-# percent between runs; beside a test run on the other core its runs took ~40 s instead of ~2.5 s.
-TIMING_SPREAD_LIMIT = 0.10
-
-
-def timed(fn):
-    """``(seconds, fn())``."""
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
-def relative_spread(seconds: Sequence[float]) -> float:
-    """(slowest - fastest) / fastest of repeated timings of the same work (0 for one timing)."""
-    if not seconds or min(seconds) <= 0:
-        raise ValueError(f"seconds: expected positive timings, got {list(seconds)}")
-    return (max(seconds) - min(seconds)) / min(seconds)
-
-
-def unreliable_timings(repeats: dict[str, Sequence[float]], limit: float = TIMING_SPREAD_LIMIT) -> dict[str, float]:
-    """The relative spread of each entry of ``repeats`` (name -> seconds of each repeat of the
-    same work) whose spread exceeds ``limit``, in the order given."""
-    spreads = {name: relative_spread(seconds) for name, seconds in repeats.items()}
-    return {name: spread for name, spread in spreads.items() if spread > limit}
-
-
-def _new_tokens(sequences: torch.Tensor, width: int, pad: int | None) -> int:
-    new = sequences[:, width:]
-    return int((new != pad).sum()) if pad is not None else new.numel()
 
 
 @torch.no_grad()
@@ -91,37 +60,33 @@ def evaluate_drafts(target, tokenizer, drafts: dict, prompts: Sequence[str], *, 
         for (name, gamma), run in runs.items():  # warm-up
             torch.manual_seed(seed)
             run(inputs[0], engines.get(name), gamma)
-        totals = {key: [0.0, 0, [], 0.0, 0] for key in runs}  # seconds, tokens, stats, log-lik., count
+        totals = {key: Tally() for key in runs}
+        quality = {key: [0.0, 0] for key in runs}  # the target's log-likelihood of the outputs, tokens
         for x in inputs:  # prompt by prompt, every run in turn: a drifting machine slows all alike
             width = x["input_ids"].shape[1]
-            for (name, gamma), run in runs.items():
+            for key, run in runs.items():
                 torch.manual_seed(seed)
-                elapsed, out = timed(lambda: run(x, engines.get(name), gamma))
-                sequences = out if isinstance(out, torch.Tensor) else out.sequences
-                total = totals[(name, gamma)]
-                total[0] += elapsed
-                total[1] += _new_tokens(sequences, width, pad)
-                if getattr(out, "spec_stats", None) is not None:
-                    total[2].append(out.spec_stats)
+                elapsed, out = timed(lambda: run(x, engines.get(key[0]), key[1]))
+                totals[key].add(elapsed, out, width, pad)
                 if score_quality:
-                    log_likelihood, count = target_log_likelihood(target, sequences, width, pad)
-                    total[3] += log_likelihood
-                    total[4] += count
+                    log_likelihood, count = target_log_likelihood(target, sequences_of(out), width, pad)
+                    quality[key][0] += log_likelihood
+                    quality[key][1] += count
                 bar.update()
-        results = {key: (tokens / seconds, stats, quality / max(1, count))
-                   for key, (seconds, tokens, stats, quality, count) in totals.items()}
-        base, _, base_quality = results[("target", 0)]
-        for (name, gamma), (rate, stats, quality) in results.items():
+        base = totals[("target", 0)].tokens_per_second
+        for (name, gamma), total in totals.items():
             if name == "target":
                 continue
-            pooled = SpecStats.total(stats)
+            pooled = total.pooled
+            rate = total.tokens_per_second
             row = {
                 "mode": mode, "draft": name, "gamma": gamma, "alpha": pooled.alpha,
                 "analytic_alpha": pooled.analytic_alpha if pooled.accept_prob_count else None, "tau": pooled.tau,
                 "tokens_per_s": rate, "target_tokens_per_s": base, "speedup": rate / base,
             }
             if score_quality:
-                row.update(log_likelihood=quality, target_log_likelihood=base_quality)
+                row.update(log_likelihood=quality[(name, gamma)][0] / max(1, quality[(name, gamma)][1]),
+                           target_log_likelihood=quality[("target", 0)][0] / max(1, quality[("target", 0)][1]))
             rows.append(row)
     bar.close()
     return rows

@@ -29,7 +29,9 @@ import xml.etree.ElementTree as ElementTree
 import zipfile
 from pathlib import Path
 
-from .data import doc_passages, humaneval_problems
+from draftwise.prompts import humaneval_problems, humaneval_request
+
+from .data import doc_passages
 
 KINDS = ("conversation", "translation", "summary", "question", "math", "passage", "code")
 
@@ -217,7 +219,7 @@ def evaluation_prompts(per_kind: int, seed: int = 0) -> dict[str, list[str]]:
         "math": lambda r: [_math_problem(r) for _ in range(per_kind)],
         "passage": lambda r: [f"Read the passage and answer: {r.choice(PASSAGE_QUESTIONS)}\n\nPassage: {a}"
                               for a in thirds[2][:per_kind]],
-        "code": lambda r: [f"Complete this Python function and explain how it works.\n\n```python\n{p.strip()}\n```"
+        "code": lambda r: [humaneval_request(p)
                            for p in _sample(r, [p for p in humaneval_problems() if len(p) <= 800], per_kind)],
     }
     return {kind: builders[kind](random.Random(f"{seed}:{kind}")) for kind in KINDS}

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from draftwise.engine.draft_model import draft_vocab_ids, load_draft
+from draftwise.engine.draft_model import build_draft, draft_vocab_ids, load_draft
+from draftwise.prompts import heldout_requests
 
-from .data import (Example, chat_prompts, corpus_examples, corpus_texts, frequent_tokens, heldout_requests,
-                   sample_continuations, teacher_log_probs, training_requests)
-from .draft import build_draft
+from .data import (Example, chat_prompts, corpus_examples, corpus_texts, frequent_tokens, sample_continuations,
+                   teacher_log_probs, training_requests)
 from .prompts import prose_training_requests
 from .sources import Item, Mixture, OnPolicySource, StaticSource, Teacher
 from .trainer import DistillConfig, DistillTrainer

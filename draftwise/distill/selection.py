@@ -39,6 +39,7 @@ from draftwise.engine.drafters import PromptLookupDrafter
 from draftwise.engine.models import ModelRunner
 from draftwise.engine.selector import NO_DRAFT_ARM, Selector, hidden_features, target_fingerprint, token_features
 from draftwise.engine.sequence import TokenBuffer
+from draftwise.prompts import CODE_REQUESTS, HELDOUT_STDLIB_FILES, chat_text, code_request, stdlib_functions
 
 GAMMAS = tuple(range(1, 9))
 META, RECORDS = "collection.json", "records.jsonl"
@@ -349,13 +350,12 @@ def training_prompts(tokenizer, count: int, seed: int = 0) -> list[dict]:
     teach the selector what does not hold on new text): requests about the standard-library
     files held out from distillation (code), and about Wikipedia passages after those the prose
     drafts read (prose). Half with the chat template, half raw. Never the evaluation's texts."""
-    from .data import CODE_REQUESTS, HELDOUT_STDLIB_FILES, chat_text, stdlib_functions
     from .prompts import unseen_prose_requests
 
     rng = random.Random(f"{seed}:selector")
     functions = stdlib_functions(HELDOUT_STDLIB_FILES, heldout=True, methods=True)
     rng.shuffle(functions)
-    code = [f"{rng.choice(CODE_REQUESTS)}\n\n```python\n{source}\n```" for source in functions[: count // 2]]
+    code = [code_request(rng.choice(CODE_REQUESTS), source) for source in functions[: count // 2]]
     prose = unseen_prose_requests(count - len(code), seed)
     prompts = [dict(kind="code", request=r) for r in code] + [dict(kind="prose", request=r) for r in prose]
     rng.shuffle(prompts)
@@ -368,7 +368,6 @@ def training_prompts(tokenizer, count: int, seed: int = 0) -> list[dict]:
 def evaluation_set(tokenizer, per_kind: int, seed: int = 0) -> list[dict]:
     """Held-out prompts of every kind of :data:`~draftwise.distill.prompts.KINDS`, each with and
     without the chat template."""
-    from .data import chat_text
     from .prompts import evaluation_prompts
 
     prompts = []

@@ -11,17 +11,22 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from draftwise.engine.draft_model import draft_vocab_ids, save_draft, subset_logits
 
 from .data import hidden_at
-from .draft import trainable_parameters
 from .losses import DIVERGENCES, acceptance_rate, cross_entropy, divergence
 from .sources import Item
 
 OBJECTIVES = (*DIVERGENCES, "ce")  # "ce": plain next-token cross-entropy, the undistilled baseline
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "training.json"
+
+
+def trainable_parameters(draft: nn.Module) -> list[nn.Parameter]:
+    """The draft's own parameters, which training updates (what it shares with its target is frozen)."""
+    return [p for p in draft.parameters() if p.requires_grad]
 
 
 @dataclasses.dataclass

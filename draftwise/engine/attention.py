@@ -3,25 +3,35 @@
 With a mask and more than one query, transformers' ``sdpa`` attention copies every key/value head
 once per query head it serves (``repeat_kv``: for SmolLM2, 3 heads to 9, the whole context, in
 every layer, on every verification forward). PyTorch's SDPA takes the grouped heads as they are
-(``enable_gqa=True``) and gives the same numbers; on the CPU it is also the faster path (the
-default target's 3-token verification: ~1.3 ms less per forward). On CUDA, SDPA with a mask and
+(``enable_gqa=True``) and gives the same numbers; on the CPU it is also the faster path
+(``python bench/step_costs.py``). On CUDA, SDPA with a mask and
 ``enable_gqa`` would fall back to its math kernel, so there, and for every other case, this
 function hands over to transformers' ``sdpa_attention_forward`` unchanged.
 
 :func:`using` switches a model to it for the duration of a forward (the name is registered with
 transformers' ``AttentionInterface``; the model's 4-D mask is passed through unchanged, so no mask
 function is needed).
+
+:func:`using_tree` switches a model, for one token-tree forward, to the fused tree-attention
+kernel (:func:`draftwise.kernels.tree_attention`): each node attends to its row's committed
+prefix and its ancestors from the cache's lengths and the tree's ancestor words, with no dense
+mask read (the runner uses it on CUDA). Layers with what the kernel does not know (attention
+bias, soft-capping, a sliding window) take the masked path instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from draftwise.kernels.tree_attention import tree_attention
+
 NAME = "draftwise_sdpa"
+TREE_NAME = "draftwise_tree"
 _UNHANDLED = ("position_bias", "s_aux", "softcap", "cache")  # extras only transformers' path knows
 
 
@@ -50,3 +60,41 @@ def using(model):
         yield
     finally:
         config._attn_implementation = previous
+
+
+# (prefix_lengths [B], ancestors [B, T], prefix_starts [B], backend) of the tree forward running now
+_tree = contextvars.ContextVar("draftwise_tree", default=None)
+
+
+def tree_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                           **kwargs):
+    """``query [B, Hq, T, D]`` of the tree's nodes over the cache's ``key`` / ``value [B, Hkv, S, D]``
+    (the nodes' own K/V already written at slots ``[L_b, L_b + T)``)."""
+    tree = _tree.get()
+    if tree is None or kwargs.get("sliding_window") is not None or any(kwargs.get(n) is not None for n in _UNHANDLED):
+        return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                              is_causal=is_causal, **kwargs)
+    lengths, ancestors, starts, backend = tree
+    out = tree_attention(query.transpose(1, 2), key, value, lengths, ancestors, scaling, backend,
+                         prefix_starts=starts, validate=False)
+    return out, None
+
+
+AttentionInterface.register(TREE_NAME, tree_attention_forward)
+
+
+@contextlib.contextmanager
+def using_tree(model, prefix_lengths: torch.Tensor, ancestors: torch.Tensor, prefix_starts: torch.Tensor,
+               backend: str = "triton"):
+    """Inside, ``model`` runs its attention through the tree-attention kernel for a tree whose
+    nodes sit after ``prefix_lengths`` committed slots (from ``prefix_starts``), with ``ancestors``
+    as in :class:`~draftwise.engine.tree.DraftTree`; then it is put back."""
+    config = model.config
+    previous = config._attn_implementation
+    token = _tree.set((prefix_lengths, ancestors, prefix_starts, backend))
+    config._attn_implementation = TREE_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _tree.reset(token)

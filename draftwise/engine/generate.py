@@ -19,7 +19,7 @@ from .processing import ScoreProcessing, ScoreRecord
 from .sampling import Sampling
 from .sequence import TokenBuffer
 from .settings import GenerationSettings, expand_for_sequences, resolve_settings
-from .policy import DEFAULT_GAMMA, MAX_GAMMA, AdaptivePolicy, DraftPolicy
+from .policy import AUTO_TREE_BUDGET, DEFAULT_GAMMA, MAX_GAMMA, AdaptivePolicy, DraftPolicy, StepShapes
 from .selector import resolve_selector
 from .speculate import Decoder
 from .stats import SpecStats
@@ -44,6 +44,7 @@ class CallOptions:
     tokenizer: object
     lenience: Optional[Lenience]  # None: exact
     tree_budget: int  # 0: chains
+    tree_auto: bool  # tree_budget="auto": chain or tree steps, whichever measures faster
 
 
 @dataclasses.dataclass
@@ -112,7 +113,6 @@ class SpeculativeEngine:
         if len({d.name for d in self.drafters}) != len(self.drafters):
             raise ValueError("drafts: every drafter needs its own name")
         self.backend = resolve_backend(backend, self.device)
-        self.verify = get_implementation(self.backend)
         self.runner: ModelRunner | None = None
 
     def _runner(self, batch: int, capacity: int) -> ModelRunner:
@@ -135,7 +135,11 @@ class SpeculativeEngine:
         capacity = width + max_new + max(gamma_max, options.tree_budget) + STEP_MARGIN
         buffer = TokenBuffer.from_prompt(input_ids, attention_mask, capacity)
         processors = settings.processors(self.target, attention_mask)
-        if options.tree_budget and processors is not None:
+        trees = options.tree_budget
+        drafters = list(self.drafters) + list(options.extra_drafters)
+        if options.tree_auto and (processors is not None or len(drafters) != 1 or options.schedule != "adaptive"):
+            trees = 0  # "auto" drafts trees only for one drafter, its γ adaptive, nothing a tree does not run
+        if trees and processors is not None:
             raise ValueError("tree_budget: token trees run neither logits processors (repetition_penalty, "
                              "no_repeat_ngram_size, min_p, ...) nor output_scores / output_logits; "
                              "pass tree_budget=0 with them")
@@ -153,7 +157,6 @@ class SpeculativeEngine:
         for drafter, owned in zip(self.drafters, self.owned):
             if owned:
                 drafter.confidence_threshold = options.confidence_threshold
-        drafters = list(self.drafters) + list(options.extra_drafters)
         adaptive = dict(schedule=options.schedule, initial=options.gamma, maximum=gamma_max)
         policy = resolve_selector(options.selector, drafters, self.target, **adaptive) or AdaptivePolicy(**adaptive)
         policy.check_pool([d.name for d in drafters], self.target)
@@ -168,9 +171,11 @@ class SpeculativeEngine:
             record = ScoreRecord(batch, scores=settings.output_scores, logits=settings.output_logits)
         decoder = Decoder(
             target=self._runner(batch, capacity), drafters=drafters, policy=policy, max_draft=gamma_max,
-            verify=self.verify, sampling=sampling, stop=stop, stats=stats, streamer=streamer,
+            verify=get_implementation(self.backend, filtered=sampling.filtered), sampling=sampling, stop=stop,
+            stats=stats, streamer=streamer,
             measure_accept_probs=settings.return_dict_in_generate,
-            lenience=options.lenience, record=record, tree_budget=options.tree_budget, tree_gamma=options.gamma,
+            lenience=options.lenience, record=record, tree_budget=trees, tree_gamma=options.gamma,
+            shapes=StepShapes() if trees and options.tree_auto else None,
             backend=self.backend,
         )
         with torch.inference_mode():
@@ -257,17 +262,22 @@ def _resolve(model, kwargs: dict, prompt_width: int, device) -> CallOptions:
         settings=settings, gamma=gamma, schedule=schedule, selector=own["selector"], extra_drafters=tuple(extra),
         confidence_threshold=threshold, seed=seed, streamer=own["streamer"], stop_strings=tuple(stop_strings),
         tokenizer=own["tokenizer"], lenience=lenience, tree_budget=_tree_budget(own["tree_budget"], lenience),
+        tree_auto=own["tree_budget"] == "auto",
     )
 
 
 def _tree_budget(value, lenience: Optional[Lenience]) -> int:
-    """``tree_budget=``: 0 (chains) or the most drafted nodes a token tree verifies per step."""
+    """``tree_budget=``: 0 (chains), the most drafted nodes a token tree verifies per step, or
+    "auto" (chain or tree steps of :data:`AUTO_TREE_BUDGET` nodes, whichever measures faster)."""
     from .tree import MAX_NODES
 
     if value is None or value == 0:
         return 0
+    if value == "auto":
+        return 0 if lenience is not None else AUTO_TREE_BUDGET
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < MAX_NODES:
-        raise ValueError(f"tree_budget: expected an int in [0, {MAX_NODES - 1}] (0: chains), got {value!r}")
+        raise ValueError(f"tree_budget: expected an int in [0, {MAX_NODES - 1}] (0: chains) or 'auto', "
+                         f"got {value!r}")
     if lenience is not None:
         raise ValueError("tree_budget: token trees are verified exactly; pass lenience=None")
     return value
@@ -321,6 +331,12 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     adaptive schedule, decoding without drafts is an arm, so a draft that does not pay on a text
     stops costing time there (and is tried again now and then); with several, ``"online"``. A
     selector trained for another pool or target raises a ``ValueError`` naming ``selector``.
+
+    ``tree_budget`` (draftwise's own, default 0: chains): each step verifies a token tree of at
+    most that many drafted nodes per row in one target forward (one draft model's dynamic tree,
+    several drafters' trie, prompt lookup's matches); ``"auto"``: with one drafter and the
+    adaptive schedule, chain or tree steps (of :data:`~draftwise.engine.policy.AUTO_TREE_BUDGET`
+    nodes), whichever measures more tokens per second, else chains. See ``docs/trees.md``.
 
     ``compile`` (draftwise's own, default False) runs the target's decode and verification
     forwards through ``torch.compile``: faster steps after a one-time compile, done with a

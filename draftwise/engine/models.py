@@ -60,6 +60,14 @@ _MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
 
 
+def tree_attention_backend(device: torch.device) -> str | None:
+    """The kernel a token-tree forward's attention runs on: Triton's tree attention on CUDA (when
+    triton is installed); None keeps SDPA with the dense tree mask (the CPU, where it is fast)."""
+    from draftwise.kernels.backend import has_triton
+
+    return "triton" if device.type == "cuda" and has_triton() else None
+
+
 def model_lock(model) -> threading.RLock:
     """The lock that runners hold while they run ``model`` with its modules switched."""
     with _MODEL_LOCKS_GUARD:
@@ -133,11 +141,10 @@ class ModelRunner:
             plus the T of the widest forward (drafted tokens are written before they are accepted).
         compile: run ``extend`` forwards of up to ``COMPILE_MAX_TOKENS`` tokens through
             ``torch.compile`` (inductor, dynamic shapes). The elementwise work of every layer is
-            fused and the Python of transformers' modeling code leaves the decode loop: the default
-            target's 3-token verification on a 2-core CPU goes from ~36 to ~31 ms. Call
-            :meth:`precompile` to compile the graphs up front (about 30-60 s each for the default
-            target on such a CPU), else the first forward of each kind compiles; later runners of
-            the same model reuse the graphs. Logits match the eager forward to float rounding.
+            fused and the Python of transformers' modeling code leaves the decode loop
+            (``python bench/step_costs.py`` measures the forwards). Call :meth:`precompile` to
+            compile the graphs up front, else the first forward of each kind compiles; later
+            runners of the same model reuse the graphs. Logits match the eager forward to float rounding.
 
     Attributes:
         model, cache (:class:`KVCache`), vocab_size (width of the logits; may exceed the tokenizer's
@@ -180,7 +187,9 @@ class ModelRunner:
         self.linears = linears
         # CPU sdpa with grouped key/value heads: multi-token forwards keep them inside SDPA
         self.gqa_attention = attn == "sdpa" and self.device.type == "cpu" and kv_heads < config.num_attention_heads
-        switches = self.linears is not None or self.gqa_attention
+        # token trees on CUDA: the fused tree-attention kernel instead of SDPA with a dense mask
+        self.tree_kernel = tree_attention_backend(self.device)
+        switches = self.linears is not None or self.gqa_attention or self.tree_kernel is not None
         self._switch_lock = model_lock(model) if switches else contextlib.nullcontext()
         self.compiled = bool(compile)
         self.cache_argument = cache_argument(model)
@@ -334,21 +343,26 @@ class ModelRunner:
             slots = cache.write_slots(steps)[:, 0, :, 0]  # [B, T]: the slots the layers write (one index for all)
             position_ids = (slots - cache.starts[:, None]).clamp_min(0)  # padding queries: position 0
             mask = self._attention_mask(slots, kv_length)
+            tree_kernel = contextlib.nullcontext()
             if tree is not None:  # positions by depth, and the tree's ancestors instead of the causal pattern
                 depth, ancestors = tree
                 position_ids = (cache.lengths - cache.starts)[:, None] + depth
                 mask = self._tree_mask(slots, kv_length, ancestors)
+                if self.tree_kernel is not None:
+                    tree_kernel = attention.using_tree(self.model, cache.lengths, ancestors, cache.starts,
+                                                       self.tree_kernel)
             if compiled and not tokens.is_inference():
                 tokens = tokens.clone()  # graphs are guarded on it: one kind of tensor whoever calls
-            out = call(
-                self.model,
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{self.cache_argument: cache},
-                **kwargs,
-            )
+            with tree_kernel:
+                out = call(
+                    self.model,
+                    input_ids=tokens,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    **{self.cache_argument: cache},
+                    **kwargs,
+                )
         return out.logits
 
     @contextlib.contextmanager

@@ -435,3 +435,48 @@ class AdaptivePolicy(DraftPolicy):
     def select_rows(self, rows: Sequence[int]) -> None:
         self.rows = [self.rows[i] for i in rows]
         self.batch = len(self.rows)
+
+
+AUTO_TREE_BUDGET = 4  # drafted nodes of a tree step when trees are chosen automatically (tree_budget="auto")
+
+
+@dataclasses.dataclass
+class StepShapes:
+    """Chain steps or token-tree steps (``tree_budget="auto"``), from the measured tokens per
+    second of each: the faster shape runs; the other is tried again after a pause that doubles
+    each time it still loses (and resets when it wins). Rates are running averages over the
+    steps each shape ran: tokens emitted by the batch over the step's draft, target and verify
+    time. Both shapes are exact, so the choice changes only the speed."""
+
+    first_tree_after: int = 2  # chain steps before the first tree step
+    smoothing: float = 0.3
+    FIRST_PAUSE, LONGEST_PAUSE = 4, 64
+
+    def __post_init__(self):
+        self.rate: dict[bool, float] = {}  # tree? -> tokens per second
+        self.steps = 0
+        self.pause = self.FIRST_PAUSE
+        self.retry_at = self.first_tree_after
+        self.trying = False
+
+    @property
+    def best(self) -> bool:
+        return max(self.rate, key=self.rate.get) if self.rate else False
+
+    def tree_next(self) -> bool:
+        """Whether the next step drafts a token tree."""
+        self.steps += 1
+        self.trying = self.steps >= self.retry_at
+        return (not self.best) if self.trying else self.best
+
+    def observe(self, tree: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = tokens / seconds
+        old = self.rate.get(tree)
+        self.rate[tree] = rate if old is None else (1 - self.smoothing) * old + self.smoothing * rate
+        if not self.trying:
+            return
+        self.trying = False
+        self.pause = self.FIRST_PAUSE if self.best == tree else min(self.LONGEST_PAUSE, 2 * self.pause)
+        self.retry_at = self.steps + self.pause

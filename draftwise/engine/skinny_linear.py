@@ -2,9 +2,9 @@
 
 A verification forward runs ``batch x (gamma + 1)`` rows through every linear layer. On the CPU,
 PyTorch's fp32 GEMM repacks each weight on every call, and from 4 rows on that costs more than
-reading the weight: for the default target, 5 tokens take 50 ms against 32 ms for one. The kernel
-:func:`draftwise.kernels.linear.skinny_linear` reads each weight once for all the rows (5 tokens:
-39 ms; ``python bench/step_costs.py``).
+reading the weight, so a 5-token forward costs far more than a 1-token one. The kernel
+:func:`draftwise.kernels.linear.skinny_linear` reads each weight once for all the rows; ``python
+bench/step_costs.py`` measures both.
 
 Inside :meth:`SkinnyLinears.routing`, a forward of ``MIN_ROWS`` to ``MAX_ROWS[isa]`` rows runs the
 model's ``nn.Linear`` layers through the kernel (on a CPU with AVX-512 or AVX2); any other forward, device or dtype is left alone,

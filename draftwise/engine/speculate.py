@@ -20,7 +20,7 @@ from draftwise.kernels.tree import tree_implementation
 
 from .drafters import Draft
 from .models import ModelRunner
-from .policy import MAX_GAMMA, NO_DRAFT, DraftPolicy, PolicyContext, StepChoice, StepTrace
+from .policy import MAX_GAMMA, NO_DRAFT, DraftPolicy, PolicyContext, StepChoice, StepShapes, StepTrace
 from .processing import ScoreRecord
 from .sampling import Sampling
 from .sequence import TokenBuffer
@@ -31,21 +31,47 @@ from .tree import DraftTree
 VerifyImpl = Callable[[ChainInputs], VerifyOutput]
 
 
-class _Timer:
-    """Wall-clock sections; synchronises CUDA first so that times are real."""
+class _Clock:
+    """Times of a step's sections, read after the step's one host transfer. On CUDA a section is
+    a pair of events recorded on the stream (no host synchronisation; the device's time from the
+    first to the last of its work); elsewhere the wall clock."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
     @contextlib.contextmanager
     def __call__(self, into: list):
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        if not self.cuda:
+            start = time.perf_counter()
+            yield
+            into.append(time.perf_counter() - start)
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         yield
-        if self.cuda:
-            torch.cuda.synchronize()
-        into.append(time.perf_counter() - start)
+        end.record()
+        into.append((start, end))
+
+    @staticmethod
+    def seconds(section) -> float:
+        if isinstance(section, float):
+            return section
+        start, end = section
+        end.synchronize()  # at once after the step's host transfer
+        return start.elapsed_time(end) / 1000.0
+
+
+@dataclasses.dataclass
+class StepValues:
+    """A step's per-row results on the host, read in one transfer at the end of its commit."""
+
+    rows: list[int]  # original row ids
+    drafted: list[int]
+    accepted: list[int]
+    emitted: list[int]
+    finished: list[bool]
+    accept_prob_sums: Optional[list[float]] = None  # per row, when acceptance probabilities were measured
+    accept_prob_counts: Optional[list[int]] = None
 
 
 @dataclasses.dataclass
@@ -66,12 +92,13 @@ class Decoder:
     record: Optional[ScoreRecord] = None  # output_scores / output_logits
     tree_budget: int = 0  # > 0: every step verifies a token tree of at most this many drafted nodes
     tree_gamma: int = 4  # with a tree, each drafter's chain length (a draft model's forwards per step)
+    shapes: Optional[StepShapes] = None  # with a tree budget: chain or tree each step, from measured rates
     backend: Optional[str] = None  # the verification kernels' backend
 
     def run(self, buffer: TokenBuffer, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         start = time.perf_counter()
         device = buffer.tokens.device
-        self.timer = _Timer(device)
+        self.timer = _Clock(device)
         self.rows = torch.arange(len(buffer.lengths), device=device)  # original row ids of the batch
         self.produced = torch.zeros_like(buffer.lengths)
         self.results: dict[int, torch.Tensor] = {}
@@ -105,14 +132,15 @@ class Decoder:
         with self.timer(times):
             scores = self._scores(buffer, no_drafts, logits)
             out = self.verify(self._chain_inputs(no_drafts, None, scores, accept_probs=False))
-        _, finished = self._commit(buffer, out, logits, scores)
-        self._retire(buffer, finished)
-        self.stats.time_target += times[0]
-        self.stats.time_draft += times[1]
-        self.stats.time_verify += times[2]
+        values = self._commit(buffer, out, logits, scores, torch.zeros_like(self.rows))
+        target, draft, verify = map(self.timer.seconds, times)
+        self.stats.time_target += target
+        self.stats.time_draft += draft
+        self.stats.time_verify += verify
+        self._retire(buffer, values)
 
     def _step(self, buffer: TokenBuffer) -> None:
-        if self.tree_budget:
+        if self.tree_budget and (self.shapes is None or self.shapes.tree_next()):
             return self._tree_step(buffer)
         choice = self.policy.choose()
         times: list[float] = []
@@ -126,11 +154,12 @@ class Decoder:
         with self.timer(times):  # verify
             scores = self._scores(buffer, draft.tokens, logits)
             out = self.verify(self._chain_inputs(draft.tokens, draft.probs, scores, self.measure_accept_probs))
-        emitted, finished = self._commit(buffer, out, logits, scores)  # accept + commit
-        self._record(choice, draft, out, emitted, draft_seconds, times)
+        drafted = (draft.tokens >= 0).long().cumprod(1).sum(1)
+        values = self._commit(buffer, out, logits, scores, drafted)  # accept + commit
+        self._record(choice, draft.tokens.shape[1], values, draft_seconds, times)
         if self.policy.full_information:
-            self._shadow_feedback(buffer, choice, shadows, out, emitted)
-        self._retire(buffer, finished)
+            self._shadow_feedback(buffer, choice, shadows, out, values)
+        self._retire(buffer, values)
 
     # ------------------------------------------------------------------ token trees
 
@@ -149,10 +178,10 @@ class Decoder:
         path = out.path.clamp(min=0)  # entries past the accepted path: the root, never committed
         self.target.cache.commit_path(path, out.num_accepted + 1)  # the root and the accepted nodes
         path_logits = logits.gather(1, path.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        emitted, finished = self._commit(buffer, VerifyOutput(out.output_tokens, out.num_accepted, None),
-                                         path_logits, path_logits)
-        self._record_tree(tree, out.num_accepted, emitted, times)
-        self._retire(buffer, finished)
+        values = self._commit(buffer, VerifyOutput(out.output_tokens, out.num_accepted, None),
+                              path_logits, path_logits, tree.valid.sum(1) - 1)
+        self._record_tree(tree, values, times)
+        self._retire(buffer, values)
 
     def _draft_tree(self, buffer: TokenBuffer) -> DraftTree:
         """One draft model alone: its dynamic tree (EAGLE-2's rule) under the node budget. Any other
@@ -175,22 +204,23 @@ class Decoder:
         root = buffer.tokens.gather(1, (buffer.lengths - 1).view(-1, 1)).squeeze(1)
         return DraftTree.from_chains(root, chains, buffer.lengths - 1, max_nodes=nodes, laws=laws)
 
-    def _record_tree(self, tree: DraftTree, num_accepted: torch.Tensor, emitted: torch.Tensor,
-                     times: list[float]) -> None:
-        per_row = torch.stack([self.rows, tree.valid.sum(1) - 1, num_accepted, emitted]).long()
-        rows, drafted, accepted, counts = per_row.tolist()  # one host transfer
-        self.stats.record_tree_step(drafted, accepted, counts)
-        self.stats.trace.append(StepTrace(rows=rows, drafter=[0] * len(rows), drafted=drafted, accepted=accepted,
-                                          emitted=counts, draft_seconds={0: times[0]}, target_seconds=times[1],
+    def _record_tree(self, tree: DraftTree, values: StepValues, times: list) -> None:
+        draft, target, verify = map(self.timer.seconds, times)
+        if self.shapes is not None:
+            self.shapes.observe(True, sum(values.emitted), draft + target + verify)
+        self.stats.record_tree_step(values.drafted, values.accepted, values.emitted)
+        self.stats.trace.append(StepTrace(rows=values.rows, drafter=[0] * len(values.rows), drafted=values.drafted,
+                                          accepted=values.accepted, emitted=values.emitted,
+                                          draft_seconds={0: draft}, target_seconds=target,
                                           width=tree.tokens.shape[1]))
-        self.stats.time_draft += times[0]
-        self.stats.time_target += times[1]
-        self.stats.time_verify += times[2]
+        self.stats.time_draft += draft
+        self.stats.time_target += target
+        self.stats.time_verify += verify
 
-    def _draft(self, buffer: TokenBuffer, choice: StepChoice) -> tuple[Draft, dict[int, float]]:
+    def _draft(self, buffer: TokenBuffer, choice: StepChoice) -> tuple[Draft, dict[int, object]]:
         """Each chosen drafter drafts (all rows; the rows that chose it keep its proposals, cut
         at their own γ); the proposals merge into one ragged block. Returns it and each
-        drafter's seconds."""
+        drafter's timed section (see :class:`_Clock`)."""
         rows_of: dict[int, list[int]] = {}
         for row, arm in enumerate(choice.drafter):
             if arm != NO_DRAFT:
@@ -225,13 +255,14 @@ class Decoder:
         return shadows
 
     def _shadow_feedback(self, buffer: TokenBuffer, choice: StepChoice, shadows: dict, out: VerifyOutput,
-                         emitted: torch.Tensor) -> None:
+                         values: StepValues) -> None:
         """Tell the policy what every drafter would have had accepted on each row it did not
         draft: a proposal is scored against the tokens the step emitted (the target's own); an
         idle draft model, every few steps, by reading the committed tokens it has not seen (as
         it must before it drafts again) and comparing its predictions with them."""
         self.steps_done += 1
         proposals = {arm: (draft, None) for arm, draft in self.proposals.items()} | shadows
+        emitted = torch.tensor(values.emitted, device=out.output_tokens.device)
         chosen = torch.tensor(choice.drafter, device=emitted.device)
         counts = [torch.where(chosen == arm, -1, torch.stack(_agreement(draft.tokens, out.output_tokens, emitted)))
                   for arm, (draft, _) in proposals.items()]  # rows the step itself counted: -1
@@ -246,33 +277,36 @@ class Decoder:
         times: list[float] = []
         with self.timer(times):
             drafted, accepted = self.drafters[arm].score(buffer)
-        self.stats.time_draft += times[0]
-        self.policy.observe_shadow(arm, drafted, accepted, times[0])
+        seconds = self.timer.seconds(times[0])
+        self.stats.time_draft += seconds
+        self.policy.observe_shadow(arm, drafted, accepted, seconds)
 
-    def _record(self, choice: StepChoice, draft: Draft, out: VerifyOutput, emitted: torch.Tensor,
-                draft_seconds: dict[int, float], times: list[float]) -> None:
+    def _record(self, choice: StepChoice, width: int, values: StepValues, draft_sections: dict,
+                times: list) -> None:
         """Counters of the step (in total and per drafter), its trace, and what the policy learns."""
         stats = self.stats
-        drafted_rows = (draft.tokens >= 0).sum(1)
-        per_row = torch.stack([self.rows, drafted_rows, out.num_accepted, emitted]).long()
-        rows, drafted, accepted, counts = per_row.tolist()  # one host transfer
-        trace = StepTrace(rows=rows, drafter=list(choice.drafter), drafted=drafted, accepted=accepted,
-                          emitted=counts, draft_seconds=draft_seconds, target_seconds=times[1],
-                          width=draft.tokens.shape[1] + 1)
+        draft_seconds = {arm: self.timer.seconds(section) for arm, section in draft_sections.items()}
+        draft, target, verify = map(self.timer.seconds, times)
+        if self.shapes is not None:
+            self.shapes.observe(False, sum(values.emitted), draft + target + verify)
+        trace = StepTrace(rows=values.rows, drafter=list(choice.drafter), drafted=values.drafted,
+                          accepted=values.accepted, emitted=values.emitted, draft_seconds=draft_seconds,
+                          target_seconds=target, width=width + 1)
         stats.trace.append(trace)
-        stats.record_step(draft.tokens, out.num_accepted, emitted, out.accept_probs)
-        stats.time_draft += times[0]
-        stats.time_target += times[1]
-        stats.time_verify += times[2]
+        parts = [(stats, range(len(values.rows)), draft)]
         if stats.per_draft:
-            for arm, seconds in draft_seconds.items():
-                rows = torch.tensor([r for r, a in enumerate(choice.drafter) if a == arm], device=emitted.device)
-                record = stats.per_draft[self.drafters[arm].name]
-                record.record_step(draft.tokens[rows], out.num_accepted[rows], emitted[rows],
-                                   None if out.accept_probs is None else out.accept_probs[rows])
-                record.time_draft += seconds
-                record.time_target += times[1]
-                record.time_verify += times[2]
+            parts += [(stats.per_draft[self.drafters[arm].name],
+                       [r for r, a in enumerate(choice.drafter) if a == arm], seconds)
+                      for arm, seconds in draft_seconds.items()]
+        for record, rows, seconds in parts:
+            sums, counts = values.accept_prob_sums, values.accept_prob_counts
+            record.record_step(width, [values.drafted[r] for r in rows], [values.accepted[r] for r in rows],
+                               [values.emitted[r] for r in rows],
+                               None if sums is None else sum(sums[r] for r in rows),
+                               0 if counts is None else sum(counts[r] for r in rows))
+            record.time_draft += seconds
+            record.time_target += target
+            record.time_verify += verify
         self.policy.observe(trace)
 
     def _chain_inputs(self, tokens, probs, logits, accept_probs: bool) -> ChainInputs:
@@ -290,44 +324,59 @@ class Decoder:
         processing = self.sampling.processing
         return logits if processing is None else processing(buffer, proposals, logits)
 
-    def _commit(self, buffer: TokenBuffer, out: VerifyOutput, logits: torch.Tensor,
-                scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _commit(self, buffer: TokenBuffer, out: VerifyOutput, logits: torch.Tensor, scores: torch.Tensor,
+                drafted: torch.Tensor) -> StepValues:
         """Append the emitted tokens (cut at stops) and roll every cache back to what was
-        committed. Returns the number of tokens each row emitted and which rows finished."""
+        committed; then read the step's per-row values (``drafted`` tokens per row, accepted,
+        emitted, finished) to the host in one transfer."""
         before = buffer.lengths.clone()
         counts, finished = self.stop.cut(buffer, out.output_tokens, out.num_accepted + 1, self.produced)
         if self.record is not None:
             self.record.add(self.rows, counts, logits, scores)
         buffer.append(out.output_tokens, counts)
         self.produced += counts
-        self.stats.new_tokens += int(counts.sum())
-        if self.streamer is not None:
-            self.streamer.put(out.output_tokens[0, : int(counts[0])].cpu())
         # Valid cache slots: the previous tokens plus the accepted drafts (the emitted token is new).
         valid = before + out.num_accepted
         self.target.rollback(torch.minimum(self.target.lengths, valid))
         for drafter in self.drafters:  # each keeps what it wrote only as far as it was committed
             drafter.rollback(valid, buffer)
-        return counts, finished
+        values = self._read_values(drafted, out, counts, finished)
+        self.stats.new_tokens += sum(values.emitted)
+        if self.streamer is not None:
+            self.streamer.put(out.output_tokens[0, : values.emitted[0]].cpu())
+        return values
 
-    def _retire(self, buffer: TokenBuffer, finished: torch.Tensor) -> None:
+    def _read_values(self, drafted: torch.Tensor, out: VerifyOutput, counts: torch.Tensor,
+                     finished: torch.Tensor) -> StepValues:
+        columns = [self.rows, drafted, out.num_accepted, counts, finished]
+        if out.accept_probs is not None:
+            columns += [out.accept_probs.nan_to_num(0.0).sum(1), (~out.accept_probs.isnan()).sum(1)]
+        host = torch.stack([c.double() for c in columns]).tolist()  # the step's one host transfer
+        rows, drafted, accepted, emitted, done = ([int(x) for x in column] for column in host[:5])
+        values = StepValues(rows, drafted, accepted, emitted, [bool(x) for x in done])
+        if out.accept_probs is not None:
+            values.accept_prob_sums, values.accept_prob_counts = host[5], [int(x) for x in host[6]]
+        return values
+
+    def _retire(self, buffer: TokenBuffer, values: StepValues) -> None:
         """Finished rows leave the batch, so they cost no more work."""
-        done = finished.nonzero().flatten().tolist()
-        if not done:
+        if not any(values.finished):
             return
-        for i in done:
-            self.results[int(self.rows[i])] = buffer.tokens[i, buffer.prompt_length: buffer.lengths[i]].clone()
-        keep = (~finished).nonzero().flatten()
-        if len(keep) == 0:
-            self.rows = keep
+        for i, (row, done) in enumerate(zip(values.rows, values.finished)):
+            if done:
+                self.results[row] = buffer.tokens[i, buffer.prompt_length: buffer.lengths[i]].clone()
+        keep = [i for i, done in enumerate(values.finished) if not done]
+        if not keep:
+            self.rows = self.rows[:0]
             return
-        self.rows, self.produced = self.rows[keep], self.produced[keep]
-        buffer.select_rows(keep)
-        self.target.select_rows(keep)
+        index = torch.tensor(keep, device=self.rows.device)
+        self.rows, self.produced = self.rows[index], self.produced[index]
+        buffer.select_rows(index)
+        self.target.select_rows(index)
         for drafter in self.drafters:
-            drafter.select_rows(keep)
-        self.sampling.select_rows(keep)
-        self.policy.select_rows(keep.tolist())
+            drafter.select_rows(index)
+        self.sampling.select_rows(index)
+        self.policy.select_rows(keep)
 
 
 def _longest_proposal(tokens: torch.Tensor) -> int:

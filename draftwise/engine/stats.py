@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 
 @dataclasses.dataclass
 class SpecStats:
@@ -79,33 +77,25 @@ class SpecStats:
     def time_other(self) -> float:
         return max(0.0, self.time_total - self.time_draft - self.time_target - self.time_verify)
 
-    def record_step(self, draft_tokens: torch.Tensor, num_accepted: torch.Tensor, emitted: torch.Tensor,
-                    accept_probs: torch.Tensor | None) -> tuple[int, int]:
-        """Count one verification step (one host transfer of a few numbers); returns this step's
-        ``(drafted, accepted)``."""
-        gamma = draft_tokens.shape[1]
-        drafted = draft_tokens >= 0
-        accepted = torch.arange(gamma, device=num_accepted.device).view(1, -1) < num_accepted.view(-1, 1)
-        numbers = [drafted.sum(0), accepted.sum(0), emitted.sum().view(1)]
-        if accept_probs is not None:
-            valid = ~accept_probs.isnan()
-            numbers += [accept_probs.nan_to_num(0.0).double().sum().view(1), valid.sum().view(1)]
-        flat = torch.cat([n.double() for n in numbers]).tolist()
-        drafted_at, accepted_at = flat[:gamma], flat[gamma: 2 * gamma]
-        self._grow(gamma)
-        for i in range(gamma):
-            self.drafted_at[i] += int(drafted_at[i])
-            self.accepted_at[i] += int(accepted_at[i])
-        self.drafted += int(sum(drafted_at))
-        self.accepted += int(sum(accepted_at))
-        self.emitted += int(flat[2 * gamma])
-        if accept_probs is not None:
-            self.accept_prob_sum += flat[2 * gamma + 1]
-            self.accept_prob_count += int(flat[2 * gamma + 2])
+    def record_step(self, width: int, drafted: list[int], accepted: list[int], emitted: list[int],
+                    accept_prob_sum: float | None = None, accept_prob_count: int = 0) -> None:
+        """Count one verification step of ``width`` draft columns from its per-row host values:
+        the tokens each row drafted (a prefix of the columns), accepted and emitted, and the sum
+        and count of the drafted positions' acceptance probabilities when they were measured."""
+        self._grow(width)
+        for count, at in ((drafted, self.drafted_at), (accepted, self.accepted_at)):
+            for n in count:
+                for i in range(n):
+                    at[i] += 1
+        self.drafted += sum(drafted)
+        self.accepted += sum(accepted)
+        self.emitted += sum(emitted)
+        if accept_prob_sum is not None:
+            self.accept_prob_sum += accept_prob_sum
+            self.accept_prob_count += accept_prob_count
         self.target_calls += 1
-        self.row_steps += len(num_accepted)
-        self.gammas.append(gamma)
-        return int(sum(drafted_at)), int(sum(accepted_at))
+        self.row_steps += len(drafted)
+        self.gammas.append(width)
 
     def record_tree_step(self, drafted: list[int], accepted: list[int], emitted: list[int]) -> None:
         """Count one token-tree step: per row, the drafted nodes, the accepted depth and the

@@ -91,18 +91,37 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     return best
 
 
-def get_implementation(name: str) -> ChainImpl:
-    """The chain-verification function of backend ``name`` (imported on first use)."""
+def get_implementation(name: str, *, filtered: bool | None = None) -> ChainImpl:
+    """The chain-verification function of backend ``name`` (imported on first use).
+
+    ``filtered``: whether some row may use top-k or top-p, for a caller that has checked the
+    per-row values once (a generation): the Triton and torch paths then skip that check, a
+    host sync, on every call. None: every call checks. The fused kernels verify only; when the
+    inputs ask for ``accept_probs`` (a statistic), they are computed beside the kernel by
+    :func:`reference.acceptance_probabilities`.
+    """
     if name == "triton":
         from .chain_triton import verify_chain_triton
 
-        return verify_chain_triton
+        return _with_accept_probs(functools.partial(verify_chain_triton, filtered=filtered))
     if name == "cpp":
         from .chain_cpp import verify_chain_cpp
 
-        return verify_chain_cpp
+        return _with_accept_probs(verify_chain_cpp)  # checks the per-row values as it reads them
     if name == "torch":
         from .reference import chain_reference
 
-        return functools.partial(chain_reference, compute_dtype=torch.float32)
+        return functools.partial(chain_reference, compute_dtype=torch.float32, filtered=filtered)
     raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+
+
+def _with_accept_probs(kernel: ChainImpl) -> ChainImpl:
+    from .reference import acceptance_probabilities
+
+    def verify(inp: ChainInputs) -> VerifyOutput:
+        out = kernel(inp)
+        if inp.return_accept_probs:
+            out = out._replace(accept_probs=acceptance_probabilities(inp))
+        return out
+
+    return verify

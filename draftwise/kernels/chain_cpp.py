@@ -81,7 +81,6 @@ def verify_chain_cpp(inp: ChainInputs, num_threads: Optional[int] = None) -> Ver
 
     output_tokens = torch.empty(batch, k + 1, dtype=torch.int64)
     num_accepted = torch.empty(batch, dtype=torch.int64)
-    accept_probs = torch.empty(batch, k, dtype=torch.float32) if inp.return_accept_probs else None
     ext.verify_chain(
         draft_tokens_ptr=_address(tokens),
         **_law_pointers(logits, probs, temperature, top_k, top_p, seeds),
@@ -96,7 +95,6 @@ def verify_chain_cpp(inp: ChainInputs, num_threads: Optional[int] = None) -> Ver
         lenience_epsilon=float(inp.lenience_epsilon),
         output_tokens_ptr=_address(output_tokens),
         num_accepted_ptr=_address(num_accepted),
-        accept_probs_ptr=_address(accept_probs),
         num_threads=torch.get_num_threads() if num_threads is None else int(num_threads),
     )
-    return VerifyOutput(output_tokens, num_accepted, accept_probs)
+    return VerifyOutput(output_tokens, num_accepted)

@@ -9,16 +9,16 @@ Two launches per call, nothing of size V written to memory:
    the exact keep threshold of top-k, then of top-p, by a 16-way search over the order-preserving
    int32 key of the float32 logit (up to 8 passes over the row each). It also resets the per-row
    scratch that launch 2 combines into.
-2. ``_chain_sample_kernel``, grid ``(B, P, C2)``: every program combines the ``(K+1) x C1``
+2. ``_chain_sample_kernel``, grid ``(B, C2)``: every program combines the ``(K+1) x C1``
    partials of its row, decides acceptance for the whole row (the same answer in every program),
    then races over its chunk at the emitted position j: ``argmax_v r(v) / E_v`` over the
    residual ``r = max(0, p - q)`` and over ``p`` in the same pass. Chunk winners meet in
    ``tl.atomic_max`` on ``(float32 score bits << 32) | (2**31 - 1 - v)`` (higher score, then lower
    index wins); the last program of the row to arrive (an atomic counter) writes its outputs,
-   taking the p winner when no chunk saw a positive residual. ``P = K + 1`` when the sums
-   ``sum_v min(p, q)`` are asked for with draft probabilities (program ``(b, i, c)`` then also
-   adds its chunk's share at position i with ``tl.atomic_add``; the float sum order may vary run
-   to run), else ``P = 1``.
+   taking the p winner when no chunk saw a positive residual.
+
+The kernels verify only: ``accept_probs`` (a statistic) is computed beside them by the dispatch
+(:func:`draftwise.kernels.backend.get_implementation`).
 
 Math is float32 for any input dtype; injected uniforms are read as float32. The launcher makes
 the last dimension of every input unit-stride and converts float types the kernels do not read
@@ -215,13 +215,11 @@ def _chain_stats_kernel(
     threshold_ptr,  # [B*(K+1)] float32 out (FILTER): keep l >= threshold
     best_ptr,  # [B, 2] int64 out: set to -1 (race winners of launch 2)
     arrivals_ptr,  # [B] int32 out: set to 0
-    accept_probs_ptr,  # [B, K] float32 out (ACCEPT_PROBS): set to 0
     num_positions,  # K + 1
     vocab,
     chunk,
     stride_lb, stride_lk,
-    FILTER: tl.constexpr, ACCEPT_PROBS: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, FILTER_BLOCK_V: tl.constexpr,
+    FILTER: tl.constexpr, BLOCK_V: tl.constexpr, FILTER_BLOCK_V: tl.constexpr,
 ):
     # Online softmax statistics of one (row, position, chunk): M = max l, S = sum exp((l - M) / t),
     # first argmax; reads each logit once (4 B/elem for fp32). FILTER: one chunk per row, and up to
@@ -237,10 +235,6 @@ def _chain_stats_kernel(
     pair = tl.arange(0, 2)
     tl.store(best_ptr + 2 * b + pair, tl.full([2], -1, tl.int64), mask=pair < 2 * first)
     tl.store(arrivals_ptr + b, 0, mask=first == 1)
-    if ACCEPT_PROBS:
-        i = tl.arange(0, BLOCK_K)
-        tl.store(accept_probs_ptr + b * (num_positions - 1) + i, tl.zeros([BLOCK_K], tl.float32),
-                 mask=i < (num_positions - 1) * first)
 
     start = c * chunk
     m, s, arg = _max_sum_argmax(row_ptr, start, tl.minimum(start + chunk, vocab), vocab, t, BLOCK_V)
@@ -275,7 +269,6 @@ def _chain_sample_kernel(
     arrivals_ptr,  # [B] int32
     output_tokens_ptr,  # [B, K+1] int64 out
     num_accepted_ptr,  # [B] int64 out
-    accept_probs_ptr,  # [B, K] float32 out (ACCEPT_PROBS)
     k_max,
     vocab,
     num_stat_chunks,
@@ -283,14 +276,13 @@ def _chain_sample_kernel(
     lenience_arg,  # LINEAR / SQUARE: the divisor eps or eps**2; POWER: the exponent eps
     stride_lb, stride_lk, stride_qb, stride_qk, stride_db, stride_ab, stride_rb, stride_rk,
     FILTER: tl.constexpr, HAS_Q: tl.constexpr, HAS_UNIFORMS: tl.constexpr, LENIENCE: tl.constexpr,
-    ACCEPT_PROBS: tl.constexpr, MIN_SUMS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # p_i(v) = [l >= thr_i] exp((l - M_i) / t) / S_i from the partials; accept x_i iff
     # u_i q_i(x_i) < f(p_i(x_i)); emitted token: argmax_v max(0, p_j - q_j)(v) / E_v, or over
     # p_j when that residual is all zero. Reads one chunk of logits (and q, race noise) at j only.
     b = tl.program_id(0)
-    c = tl.program_id(2)
+    c = tl.program_id(1)
     b64 = b.to(tl.int64)
     t = tl.load(temperature_ptr + b)
     greedy = t == 0
@@ -333,46 +325,39 @@ def _chain_sample_kernel(
     accepted = drafted & tl.where(greedy, x == arg, u * q_x < f)
     j = tl.min(tl.where(accepted, BLOCK_K, i), 0)
 
-    # The race over this program's chunk at position w (j, or program_id(1) for the min sums).
-    if MIN_SUMS:
-        w = tl.program_id(1)
-        min_sum = (w < num_drafted) & ~greedy
-    else:
-        w = j
-        min_sum = j < 0
-    race = (w == j) & ~greedy
-    use_q = w < num_drafted
-    at_w = i == w
-    m_w = tl.sum(tl.where(at_w, m, 0.0), 0)
-    s_w = tl.sum(tl.where(at_w, s, 0.0), 0)
-    thr_w = tl.max(tl.where(at_w, thr, -float("inf")), 0)
-    x_w = tl.where(use_q, tl.sum(tl.where(at_w, x, 0), 0), -1)  # one-hot q_w at x_w; none at the bonus
-    row_ptr = logits_ptr + b64 * stride_lb + w.to(tl.int64) * stride_lk
-    q_ptr = draft_probs_ptr + b64 * stride_qb + w.to(tl.int64) * stride_qk
-    u_ptr = race_u_ptr + b64 * stride_rb + w.to(tl.int64) * stride_rk
+    # The race over this program's chunk at the emitted position j (sampled rows only).
+    race = ~greedy
+    use_q = j < num_drafted
+    at_j = i == j
+    m_j = tl.sum(tl.where(at_j, m, 0.0), 0)
+    s_j = tl.sum(tl.where(at_j, s, 0.0), 0)
+    thr_j = tl.max(tl.where(at_j, thr, -float("inf")), 0)
+    x_j = tl.where(use_q, tl.sum(tl.where(at_j, x, 0), 0), -1)  # one-hot q_j at x_j; none at the bonus
+    row_ptr = logits_ptr + b64 * stride_lb + j.to(tl.int64) * stride_lk
+    q_ptr = draft_probs_ptr + b64 * stride_qb + j.to(tl.int64) * stride_qk
+    u_ptr = race_u_ptr + b64 * stride_rb + j.to(tl.int64) * stride_rk
 
     offs = tl.arange(0, BLOCK_V)
     start = c * chunk
-    end = tl.where(race | min_sum, tl.minimum(start + chunk, vocab), start)
+    end = tl.where(race, tl.minimum(start + chunk, vocab), start)
     q_end = tl.where(use_q, end, 0)
     best_r = tl.full([BLOCK_V], -1.0, tl.float32)  # per lane: best score and its first index
     best_p = tl.full([BLOCK_V], -1.0, tl.float32)
     arg_r = tl.zeros([BLOCK_V], tl.int32)
     arg_p = tl.zeros([BLOCK_V], tl.int32)
-    overlap = tl.zeros([BLOCK_V], tl.float32)
     for v0 in range(start, end, BLOCK_V):
         v = v0 + offs
         mask = v < end
         l = _logits(row_ptr + v, mask)
-        p = tl.exp(tl.where(mask & (l >= thr_w), (l - m_w) / t, -float("inf"))) / s_w
+        p = tl.exp(tl.where(mask & (l >= thr_j), (l - m_j) / t, -float("inf"))) / s_j
         if HAS_Q:
             q = _probs(q_ptr + v, v < q_end)
         else:
-            q = tl.where(v == x_w, 1.0, 0.0)
+            q = tl.where(v == x_j, 1.0, 0.0)
         if HAS_UNIFORMS:
             draw = tl.load(u_ptr + v, mask=mask, other=0.5).to(tl.float32)
         else:
-            draw = (philox_word(seed, v, w, 1) | 1).to(tl.float32) * 2.3283064365386963e-10
+            draw = (philox_word(seed, v, j, 1) | 1).to(tl.float32) * 2.3283064365386963e-10
         e = _race_exponential(draw)
         r = tl.maximum(p - q, 0.0)
         score_r = tl.where(mask & (r > 0), r / e, -1.0)
@@ -381,18 +366,14 @@ def _chain_sample_kernel(
         arg_p = tl.where(score_p > best_p, v, arg_p)
         best_r = tl.maximum(best_r, score_r)
         best_p = tl.maximum(best_p, score_p)
-        if MIN_SUMS:
-            overlap += tl.minimum(_lenient(p, lenience_arg, LENIENCE), q)
 
     key_r = _race_key(best_r, arg_r, vocab)
     key_p = _race_key(best_p, arg_p, vocab)
     tl.atomic_max(best_ptr + 2 * b, key_r, mask=race)
     tl.atomic_max(best_ptr + 2 * b + 1, key_p, mask=race)
-    if MIN_SUMS:
-        tl.atomic_add(accept_probs_ptr + b * k_max + w, tl.sum(overlap, 0), mask=min_sum)
 
     arrived = tl.atomic_add(arrivals_ptr + b, 1)
-    if arrived == tl.num_programs(1) * tl.num_programs(2) - 1:
+    if arrived == tl.num_programs(1) - 1:
         # Last program of the row: emit. Atomic reads see every chunk's winner.
         won_r = tl.atomic_max(best_ptr + 2 * b, -1)
         won_p = tl.atomic_max(best_ptr + 2 * b + 1, -1)
@@ -403,19 +384,6 @@ def _chain_sample_kernel(
         out = tl.where(i < j, x, tl.where(i == j, token, -1))
         tl.store(output_tokens_ptr + b64 * (k_max + 1) + i, out, mask=valid)
         tl.store(num_accepted_ptr + b, j.to(tl.int64))
-        if ACCEPT_PROBS:
-            if HAS_Q:
-                greedy_value = _probs(draft_probs_ptr + b64 * stride_qb + i.to(tl.int64) * stride_qk + arg,
-                                      i < num_drafted)
-            else:
-                greedy_value = (x == arg).to(tl.float32)
-            value = tl.where(i < num_drafted, tl.where(greedy, greedy_value, tl.minimum(f, 1.0)), float("nan"))
-            if MIN_SUMS:  # the chunks' atomic sums stay where they were added
-                store = (i < k_max) & (i >= tl.where(greedy, 0, num_drafted))
-            else:
-                store = i < k_max
-            tl.store(accept_probs_ptr + b * k_max + i, value, mask=store)
-
 
 KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -431,10 +399,15 @@ def _readable_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def verify_chain_triton(
-    inp: ChainInputs, *, block_v: int | None = None, stats_chunk: int | None = None,
-    sample_chunk: int | None = None,
+    inp: ChainInputs, *, filtered: bool | None = None, block_v: int | None = None,
+    stats_chunk: int | None = None, sample_chunk: int | None = None,
 ) -> VerifyOutput:
-    """Chain verification in two Triton launches; the keywords override the module's tuning knobs."""
+    """Chain verification in two Triton launches.
+
+    ``filtered``: whether some row may use top-k or top-p, from a caller that has checked the
+    per-row values itself (a generation, once); None checks them here, one host sync. The other
+    keywords override the module's tuning knobs.
+    """
     if not isinstance(inp, ChainInputs):
         raise TypeError(f"inp: expected ChainInputs (see normalize_inputs), got {type(inp).__name__}")
     batch, k, vocab = inp.shape
@@ -444,11 +417,11 @@ def verify_chain_triton(
                          f"got tensors on {device}")
     output_tokens = torch.empty((batch, k + 1), dtype=torch.int64, device=device)
     num_accepted = torch.empty((batch,), dtype=torch.int64, device=device)
-    accept_probs = torch.empty((batch, k), dtype=torch.float32, device=device) if inp.return_accept_probs else None
     if batch == 0:
-        return VerifyOutput(output_tokens, num_accepted, accept_probs)
+        return VerifyOutput(output_tokens, num_accepted)
 
-    filtered = check_row_values(inp)  # the one host sync
+    if filtered is None:
+        filtered = check_row_values(inp)  # the one host sync
     logits = _readable_float(inp.target_logits)
     has_q = inp.draft_probs is not None and k > 0
     draft_probs = _readable_float(inp.draft_probs) if has_q else logits
@@ -461,7 +434,6 @@ def verify_chain_triton(
         accept_u, race_u = logits, logits
     seeds = _contiguous_last(inp.seeds) if inp.seeds is not None else num_accepted
     temperature, top_k, top_p = (_contiguous_last(rows) for rows in (inp.temperature, inp.top_k, inp.top_p))
-    accept_probs_buf = accept_probs if (accept_probs is not None and k > 0) else output_tokens
 
     block = max(16, min(block_v or BLOCK_V, triton.next_power_of_2(vocab)))
     chunk1 = vocab if filtered else triton.cdiv(stats_chunk or STATS_CHUNK, block) * block
@@ -475,34 +447,30 @@ def verify_chain_triton(
     argmax = stats[2].view(torch.int32)
     block_k = max(2, triton.next_power_of_2(k + 1))
     num_warps = 8 if block >= 2048 else 4
-    accept_flag = accept_probs is not None and k > 0
-    min_sums = accept_flag and has_q
 
     _chain_stats_kernel[(rows, chunks1)](
         logits_ptr=logits, temperature_ptr=temperature, top_k_ptr=top_k, top_p_ptr=top_p,
         max_ptr=stats[0], sum_ptr=stats[1], argmax_ptr=argmax, threshold_ptr=threshold,
-        best_ptr=best, arrivals_ptr=arrivals, accept_probs_ptr=accept_probs_buf,
-        num_positions=k + 1, vocab=vocab, chunk=chunk1,
+        best_ptr=best, arrivals_ptr=arrivals, num_positions=k + 1, vocab=vocab, chunk=chunk1,
         stride_lb=logits.stride(0), stride_lk=logits.stride(1),
-        FILTER=filtered, ACCEPT_PROBS=accept_flag, BLOCK_K=block_k, BLOCK_V=block,
+        FILTER=filtered, BLOCK_V=block,
         FILTER_BLOCK_V=min(block, FILTER_BLOCK_V), num_warps=num_warps,
     )
     lenience = inp.lenience_kind
     eps = float(inp.lenience_epsilon)
     lenience_arg = eps * eps if lenience == LenienceKind.SQUARE else eps
-    _chain_sample_kernel[(batch, k + 1 if min_sums else 1, chunks2)](
+    _chain_sample_kernel[(batch, chunks2)](
         logits_ptr=logits, draft_probs_ptr=draft_probs, draft_tokens_ptr=draft_tokens,
         temperature_ptr=temperature, seeds_ptr=seeds, accept_u_ptr=accept_u, race_u_ptr=race_u,
         max_ptr=stats[0], sum_ptr=stats[1], argmax_ptr=argmax, threshold_ptr=threshold,
         best_ptr=best, arrivals_ptr=arrivals, output_tokens_ptr=output_tokens,
-        num_accepted_ptr=num_accepted, accept_probs_ptr=accept_probs_buf,
+        num_accepted_ptr=num_accepted,
         k_max=k, vocab=vocab, num_stat_chunks=chunks1, chunk=chunk2, lenience_arg=lenience_arg,
         stride_lb=logits.stride(0), stride_lk=logits.stride(1),
         stride_qb=draft_probs.stride(0), stride_qk=draft_probs.stride(1),
         stride_db=draft_tokens.stride(0), stride_ab=accept_u.stride(0),
         stride_rb=race_u.stride(0), stride_rk=race_u.stride(1),
         FILTER=filtered, HAS_Q=has_q, HAS_UNIFORMS=has_uniforms, LENIENCE=int(lenience),
-        ACCEPT_PROBS=accept_flag, MIN_SUMS=min_sums,
         BLOCK_K=block_k, BLOCK_C=max(2, triton.next_power_of_2(chunks1)), BLOCK_V=block, num_warps=num_warps,
     )
-    return VerifyOutput(output_tokens, num_accepted, accept_probs)
+    return VerifyOutput(output_tokens, num_accepted)

@@ -75,7 +75,7 @@ def seeded_uniforms(seeds: torch.Tensor, k: int, vocab: int) -> Uniforms:
 def sanitize_logits(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rounded to float32 (the kernels' precision), NaN as the lowest value, clamped to its range."""
     logits = logits.float().to(dtype)
-    return torch.nan_to_num(logits, nan=-FLOAT32_MAX).clamp(-FLOAT32_MAX, FLOAT32_MAX)
+    return torch.nan_to_num(logits, nan=-FLOAT32_MAX, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
 
 
 def _top_k_mask(logits: torch.Tensor, top_k: torch.Tensor, sorted_desc: torch.Tensor) -> torch.Tensor:
@@ -145,11 +145,14 @@ def _race(weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (weights / race_exponentials(noise)).argmax(-1)
 
 
-def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64) -> VerifyOutput:
-    """Chain verification of a validated batch (see :mod:`draftwise.kernels.spec`)."""
+def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64,
+                    filtered: bool | None = None) -> VerifyOutput:
+    """Chain verification of a validated batch (see :mod:`draftwise.kernels.spec`); ``filtered``
+    as :func:`~draftwise.kernels.chain_triton.verify_chain_triton`'s."""
     if not isinstance(inp, ChainInputs):
         raise TypeError(f"inp: expected ChainInputs (see normalize_inputs), got {type(inp).__name__}")
-    filtered = check_row_values(inp)
+    if filtered is None:
+        filtered = check_row_values(inp)
     batch, k, vocab = inp.shape
     device = inp.target_logits.device
     rows = torch.arange(batch, device=device)
@@ -205,9 +208,7 @@ def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64
     output = torch.where(columns < j.view(-1, 1), torch.cat([safe_tokens, output[:, :1]], 1), output)
     output[rows, j] = emitted
 
-    accept_probs = None
-    if inp.return_accept_probs:
-        accept_probs = _accept_probs(lenient(probs[:, :k]), q, safe_tokens, greedy_tokens[:, :k], is_greedy, drafted)
+    accept_probs = acceptance_probabilities(inp, compute_dtype) if inp.return_accept_probs else None
     return VerifyOutput(output, num_accepted, accept_probs)
 
 
@@ -225,37 +226,44 @@ def _draft_distribution_at(q, tokens, j, num_drafted, like) -> torch.Tensor:
     return torch.where((j < num_drafted).view(-1, 1), q_j, 0.0)
 
 
-def _accept_probs(f_p, q, tokens, greedy_tokens, is_greedy, drafted) -> torch.Tensor:
-    """The probability that a draft from q passes: ``sum_v min(q, f(p))`` (``sum min(p, q)`` when
-    lossless); greedy rows: ``q(argmax p)``; NaN past the drafts."""
+def acceptance_probabilities(inp: ChainInputs, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[B, K]`` float32: the probability that a draft from q passes each drafted position,
+    ``sum_v min(q, f(p))`` (``sum min(p, q)`` when lossless; ``min(1, f(p(x)))`` for one-hot
+    drafts); greedy rows: ``q(argmax p)`` (one-hot: whether x is the argmax); NaN past the drafts.
+
+    A statistic, not part of verification: every backend's kernel leaves it out and the dispatch
+    computes it here, on the inputs' device, only when ``return_accept_probs`` asks for it. An
+    all-greedy batch needs only the argmax; otherwise the target's law of every drafted position
+    is materialised, in ``compute_dtype`` (default: float32, float64 when top-k or top-p decide
+    what is kept, so that the kept set is the reference's).
+    """
+    filtered = check_row_values(inp)
+    k, vocab = inp.shape[1:]
+    logits = sanitize_logits(inp.target_logits[:, :k], torch.float32)
+    greedy_tokens = logits.argmax(-1)  # lowest index on ties, as the kernels
+    tokens = inp.draft_tokens
+    drafted = ((tokens >= 0) & (tokens < vocab)).long().cumprod(-1).bool()
+    tokens = torch.where(drafted, tokens, 0)
+    q = None if inp.draft_probs is None else inp.draft_probs.float().nan_to_num(0.0).clamp_min(0.0)
     if q is None:
-        sampled = f_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).clamp_max(1.0)
-        greedy = (tokens == greedy_tokens).to(f_p.dtype)
+        values = (tokens == greedy_tokens).float()
     else:
-        sampled = torch.minimum(f_p, q).sum(-1)
-        greedy = q.gather(-1, greedy_tokens.unsqueeze(-1)).squeeze(-1)
-    values = torch.where(is_greedy, greedy, sampled)
+        values = q.gather(-1, greedy_tokens.unsqueeze(-1)).squeeze(-1)
+    is_greedy = (inp.temperature == 0).view(-1, 1)
+    if not bool(is_greedy.all()):
+        dtype = compute_dtype or (torch.float64 if filtered else torch.float32)
+        probs = target_probs(logits.to(dtype), inp.temperature, inp.top_k, inp.top_p, filtered)
+        f_p = _lenient(probs, kind=inp.lenience_kind, epsilon=inp.lenience_epsilon)
+        if q is None:
+            sampled = f_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).clamp_max(1.0)
+        else:
+            sampled = torch.minimum(f_p, q.to(dtype)).sum(-1)
+        values = torch.where(is_greedy, values.to(dtype), sampled)
     return torch.where(drafted, values, torch.nan).float()
 
 
-def verify_chain_ref(
-    draft_tokens,
-    draft_probs,
-    target_logits,
-    *,
-    temperature=1.0,
-    top_k=None,
-    top_p=None,
-    lenience=None,
-    seed=None,
-    uniforms=None,
-    return_accept_probs=False,
-    compute_dtype: torch.dtype = torch.float64,
-) -> VerifyOutput:
-    """Same signature as :func:`draftwise.kernels.verify_chain`, computed in ``compute_dtype``."""
-    inp = normalize_inputs(
-        draft_tokens, draft_probs, target_logits, temperature=temperature, top_k=top_k,
-        top_p=top_p, lenience=lenience, seed=seed, uniforms=uniforms,
-        return_accept_probs=return_accept_probs,
-    )
-    return chain_reference(inp, compute_dtype)
+def verify_chain_ref(draft_tokens, draft_probs, target_logits, *, compute_dtype: torch.dtype = torch.float64,
+                     **options) -> VerifyOutput:
+    """:func:`draftwise.kernels.verify_chain` (the same arguments, as keywords) computed here in
+    ``compute_dtype``."""
+    return chain_reference(normalize_inputs(draft_tokens, draft_probs, target_logits, **options), compute_dtype)
