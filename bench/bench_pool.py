@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from draftwise.distill.prompts import KINDS
 from draftwise.distill.selection import evaluation_set
 from draftwise.engine import AdaptivePolicy
 from draftwise.engine.selector import OfflinePolicy, OnlinePolicy, Selector
+from draftwise.measure import new_tokens, timed
 
 NEW_TOKENS = 48
 
@@ -60,13 +60,6 @@ def arms(target, tokenizer, pool, selector, sample: bool = False) -> dict:
     return runs
 
 
-def timed(run, inputs) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = run(inputs)
-    return time.perf_counter() - start, out
-
-
 def measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int, sample: bool = False) -> list[dict]:
     """Per prompt, each arm's best time and its new tokens. Greedy: every output must equal the
     target's. Sampled: outputs differ run to run (their law is the target's, which the tests
@@ -84,9 +77,10 @@ def measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int
         width = inputs["input_ids"].shape[1]
         for _ in range(repeats):
             for name, run in runs.items():
-                t, out = timed(run, inputs)
+                with torch.inference_mode():
+                    t, out = timed(lambda: run(inputs))
                 seconds[name].append(t)
-                tokens[name].append(int((out[0, width:] != tokenizer.pad_token_id).sum()))
+                tokens[name].append(new_tokens(out, width, tokenizer.pad_token_id))
                 reference = out if reference is None else reference
                 if not sample and not torch.equal(out, reference):
                     raise AssertionError(f"{name} differs from the target's output on {prompt['kind']}")
@@ -141,10 +135,9 @@ def batch_measure(target, tokenizer, pool, selector, prompts: list[dict], repeat
     reference = None
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
             with torch.inference_mode():
-                out = run()
-            seconds[name].append(time.perf_counter() - start)
+                t, out = timed(run)
+            seconds[name].append(t)
             reference = out if reference is None else reference
             if not torch.equal(out, reference):
                 raise AssertionError(f"batch: {name} differs from the target's output")

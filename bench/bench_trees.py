@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import shlex
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ import draftwise
 from draftwise.defaults import load_target, pool_drafters
 from draftwise.distill.selection import evaluation_set
 from draftwise.engine import PromptLookupDrafter
+from draftwise.measure import new_tokens, sequences_of, timed
 
 NEW_TOKENS = 48
 CHAIN_GAMMAS = (2, 3, 4, 6)
@@ -70,12 +70,10 @@ def measure(runs: dict, tokenizer, prompts: list[dict], sample: bool) -> list[di
         record = dict(kind=prompt["kind"], template=prompt["template"], seconds={}, tokens={}, tau={})
         reference = None
         for name, run in runs.items():
-            start = time.perf_counter()
             with torch.inference_mode():
-                out = run(inputs)
-            record["seconds"][name] = time.perf_counter() - start
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            record["tokens"][name] = int((sequences[0, width:] != tokenizer.pad_token_id).sum())
+                record["seconds"][name], out = timed(lambda: run(inputs))
+            sequences = sequences_of(out)
+            record["tokens"][name] = new_tokens(out, width, tokenizer.pad_token_id)
             if not isinstance(out, torch.Tensor):
                 record["tau"][name] = out.spec_stats.tau
             reference = sequences if reference is None else reference

@@ -133,10 +133,13 @@ class DraftPolicy:
     ``wants_hidden``: the engine computes :attr:`PolicyContext.hidden` for :meth:`start`.
     ``full_information``: after each step the engine also reports, through
     :meth:`observe_shadow`, what drafters that did not draft a row would have had accepted there.
+    ``uses_times``: the policy learns from the measured times in each :class:`StepTrace` (else the
+    engine times a step only when statistics are asked for).
     """
 
     wants_hidden = False
     full_information = False
+    uses_times = True
 
     def start(self, num_drafters: int, batch: int, context: PolicyContext | None = None) -> None:
         self.num_drafters, self.batch = num_drafters, batch
@@ -163,6 +166,8 @@ class DraftPolicy:
 
 class FixedPolicy(DraftPolicy):
     """Every row, every step: drafter ``arm`` (``NO_DRAFT`` for the target alone) with a fixed γ."""
+
+    uses_times = False
 
     def __init__(self, arm: int, gamma: int = 4):
         if arm != NO_DRAFT and arm < 0:

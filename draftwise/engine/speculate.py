@@ -34,13 +34,19 @@ VerifyImpl = Callable[[ChainInputs], VerifyOutput]
 class _Clock:
     """Times of a step's sections, read after the step's one host transfer. On CUDA a section is
     a pair of events recorded on the stream (no host synchronisation; the device's time from the
-    first to the last of its work); elsewhere the wall clock."""
+    first to the last of its work); elsewhere the wall clock. Disabled (nothing the times would
+    feed): every section reads 0."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool = True):
         self.cuda = device.type == "cuda"
+        self.enabled = enabled
 
     @contextlib.contextmanager
     def __call__(self, into: list):
+        if not self.enabled:
+            yield
+            into.append(0.0)
+            return
         if not self.cuda:
             start = time.perf_counter()
             yield
@@ -87,7 +93,7 @@ class Decoder:
     stats: SpecStats
     max_draft: int = MAX_GAMMA  # no row drafts more (the caches' room past the longest output)
     streamer: object = None
-    measure_accept_probs: bool = False
+    measure_accept_probs: bool = False  # the statistics are asked for (return_dict_in_generate)
     lenience: Optional[Lenience] = None  # lossy acceptance f(p, epsilon); None: exact
     record: Optional[ScoreRecord] = None  # output_scores / output_logits
     tree_budget: int = 0  # > 0: every step verifies a token tree of at most this many drafted nodes
@@ -98,7 +104,9 @@ class Decoder:
     def run(self, buffer: TokenBuffer, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         start = time.perf_counter()
         device = buffer.tokens.device
-        self.timer = _Clock(device)
+        # times feed the policy, the chain-or-tree choice, and the statistics when they are asked for
+        timed = self.policy.uses_times or self.shapes is not None or self.measure_accept_probs
+        self.timer = _Clock(device, enabled=timed)
         self.rows = torch.arange(len(buffer.lengths), device=device)  # original row ids of the batch
         self.produced = torch.zeros_like(buffer.lengths)
         self.results: dict[int, torch.Tensor] = {}
