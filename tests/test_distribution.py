@@ -176,8 +176,9 @@ class Chain:
         """Drafted tokens ``[trials, K]``, each position sampled from its draft law."""
         return torch.multinomial(self.draft_law, trials, replacement=True, generator=generator).T.contiguous()
 
-    def verify(self, backend: str, drafts: torch.Tensor, seeds: torch.Tensor):
-        """``verify_chain`` over the rows in chunks (rows are independent of their batch)."""
+    def verify(self, backend: str, drafts: torch.Tensor, seeds: torch.Tensor, accept_probs: bool = True):
+        """``verify_chain`` over the rows in chunks (rows are independent of their batch); the
+        third output is None unless ``accept_probs``."""
         draft_probs, trials = self.draft_probs, drafts.shape[0]
         chunk = max(1024, 2**20 // self.vocab)
         outputs = []
@@ -193,11 +194,11 @@ class Chain:
                     top_p=self.top_p,
                     lenience=self.lenience,
                     seed=seeds[start : start + rows],
-                    return_accept_probs=True,
+                    return_accept_probs=accept_probs,
                     backend=backend,
                 )
             )
-        return tuple(torch.cat(parts) for parts in zip(*outputs))
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
 
     def fits(self, tokens: torch.Tensor, num_accepted: torch.Tensor, joint: bool = True) -> dict[str, Fit]:
         """Checks of one run: every position, the accepted count and (narrow) joint laws."""
@@ -336,7 +337,7 @@ def wide_chain(name: str) -> Chain:
 def test_wide_goodness_of_fit(backend, name):
     chain = wide_chain(name)
     drafts = chain.draft(WIDE_TRIALS[name], torch.Generator().manual_seed(DRAFT_SEED))
-    tokens, num_accepted, _ = chain.verify(backend, drafts, row_seeds(WIDE_TRIALS[name], base=2))
+    tokens, num_accepted, _ = chain.verify(backend, drafts, row_seeds(WIDE_TRIALS[name], base=2), accept_probs=False)
     assert_fits(chain.fits(tokens, num_accepted, joint=False))
 
 
@@ -387,7 +388,7 @@ def test_lossy_first_token(backend, lenience):
     assert 0.1 < beta < 0.9 and not torch.allclose(law, p, atol=0.01)  # the case is lossy
 
     drafts = chain.draft(NARROW_TRIALS, torch.Generator().manual_seed(DRAFT_SEED))
-    tokens, num_accepted, _ = chain.verify(backend, drafts, row_seeds(NARROW_TRIALS, base=3))
+    tokens, num_accepted, _ = chain.verify(backend, drafts, row_seeds(NARROW_TRIALS, base=3), accept_probs=False)
     assert_fits({"token 0": chi_square(histogram(tokens[:, 0], NARROW_VOCAB), with_outside(law))})
     z = z_score(int(num_accepted.sum()), NARROW_TRIALS, float(1.0 - beta))
     rate = float(num_accepted.double().mean())
@@ -411,7 +412,7 @@ def test_seed_layouts(backend, layout):
     seed = SEED_LAYOUTS[layout](NARROW_TRIALS)
     if isinstance(seed, int):
         seed = torch.arange(NARROW_TRIALS, dtype=torch.int64) + seed
-    tokens, num_accepted, _ = chain.verify(backend, drafts, seed)
+    tokens, num_accepted, _ = chain.verify(backend, drafts, seed, accept_probs=False)
     assert_fits(chain.fits(tokens, num_accepted))
 
 
@@ -503,7 +504,7 @@ def test_teeth_raw_draft_probs(backend):
     raw = softmax(tempered_draft_logits(chain.target_logits)).float()
     broken = dataclasses.replace(chain, draft_probs=raw)
     drafts = chain.draft(NARROW_TRIALS, torch.Generator().manual_seed(DRAFT_SEED))
-    tokens, num_accepted, _ = broken.verify(backend, drafts, row_seeds(NARROW_TRIALS, base=1))
+    tokens, num_accepted, _ = broken.verify(backend, drafts, row_seeds(NARROW_TRIALS, base=1), accept_probs=False)
     assert_rejected(chain.fits(tokens, num_accepted)["token 0"])
 
 
@@ -512,7 +513,7 @@ def test_teeth_noise_shared_between_rows(backend):
     chain = narrow_chain("k3-plain")
     drafts = chain.draft(NARROW_TRIALS, torch.Generator().manual_seed(DRAFT_SEED))
     same_seed = torch.full((NARROW_TRIALS,), 424_242, dtype=torch.int64)
-    tokens, num_accepted, _ = chain.verify(backend, drafts, same_seed)
+    tokens, num_accepted, _ = chain.verify(backend, drafts, same_seed, accept_probs=False)
     assert_rejected(chain.fits(tokens, num_accepted)["token 0"])
 
 
@@ -522,7 +523,7 @@ def test_teeth_noise_shared_by_pairs_of_rows(backend):
     chain = narrow_chain("k3-plain")
     drafts = chain.draft(NARROW_TRIALS, torch.Generator().manual_seed(DRAFT_SEED))
     paired_seeds = row_seeds(NARROW_TRIALS // 2, base=1).repeat_interleave(2)
-    tokens, num_accepted, _ = chain.verify(backend, drafts, paired_seeds)
+    tokens, num_accepted, _ = chain.verify(backend, drafts, paired_seeds, accept_probs=False)
     fits = chain.fits(tokens, num_accepted)
     assert_fits({name: fits[name] for name in ("token 0", "token 1", "accepted count")})
     assert_rejected(fits["token 0 of rows 2i and 2i+1"])
@@ -536,7 +537,7 @@ def test_teeth_noise_shared_with_the_drafter(backend):
     drafts = chain.draft(NARROW_TRIALS, torch.Generator().manual_seed(DRAFT_SEED))
     verifier_u = philox_uniform(seeds, 0, 0, STREAM_ACCEPT)
     drafts[:, 0] = inverse_cdf(chain.draft_law[0], verifier_u)
-    tokens, num_accepted, _ = chain.verify(backend, drafts, seeds)
+    tokens, num_accepted, _ = chain.verify(backend, drafts, seeds, accept_probs=False)
     assert_rejected(chain.fits(tokens, num_accepted)["token 0"])
 
 

@@ -30,21 +30,32 @@ def philox_word(seeds: torch.Tensor, c0, c1, c2) -> np.ndarray:
     """Word 0 of Philox4x32-10 keyed by int64 ``seeds``, counter ``(c0, c1, c2, 0)``, as uint64.
 
     All arguments broadcast; counters are int64 tensors or ints in [0, 2**32). The arithmetic
-    runs in numpy's uint64, where a 32 x 32-bit product is exact.
+    runs in numpy's uint64, where a 32 x 32-bit product is exact, in place (the counters are as
+    large as the vocabulary times the rows; the keys stay at the seeds' shape).
     """
     def as_uint64(x) -> np.ndarray:
         x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         return x.astype(np.int64).view(np.uint64) if x.dtype == np.int64 else x.astype(np.uint64)
 
     key = as_uint64(seeds)
-    c0, c1, c2, k0, k1 = np.broadcast_arrays(
-        as_uint64(c0), as_uint64(c1), as_uint64(c2), key & MASK32, key >> np.uint64(32))
-    c3 = np.zeros(c0.shape, np.uint64)
+    c0, c1, c2 = (as_uint64(c) for c in (c0, c1, c2))
+    shape = np.broadcast_shapes(c0.shape, c1.shape, c2.shape, key.shape)
+    c0, c1, c2 = (np.broadcast_to(c, shape).copy() for c in (c0, c1, c2))
+    c3, product_a, product_b = np.zeros(shape, np.uint64), np.empty(shape, np.uint64), np.empty(shape, np.uint64)
+    k0, k1 = key & MASK32, key >> np.uint64(32)
     round_a, round_b, shift = np.uint64(PHILOX_ROUND_A), np.uint64(PHILOX_ROUND_B), np.uint64(32)
     for _ in range(10):
-        product0, product1 = c0 * round_a, c2 * round_b
-        c0, c1, c2, c3 = ((product1 >> shift) ^ c1 ^ k0, product1 & MASK32,
-                          (product0 >> shift) ^ c3 ^ k1, product0 & MASK32)
+        # (c0, c1, c2, c3) <- (hi(c2 * B) ^ c1 ^ k0, lo(c2 * B), hi(c0 * A) ^ c3 ^ k1, lo(c0 * A))
+        np.multiply(c0, round_a, out=product_a)
+        np.multiply(c2, round_b, out=product_b)
+        np.right_shift(product_b, shift, out=c0)
+        c0 ^= c1
+        c0 ^= k0
+        np.right_shift(product_a, shift, out=c2)
+        c2 ^= c3
+        c2 ^= k1
+        np.bitwise_and(product_b, MASK32, out=c1)
+        np.bitwise_and(product_a, MASK32, out=c3)
         k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
     return c0
 
