@@ -33,7 +33,7 @@ from draftwise.distill.prompts import KINDS
 from draftwise.distill.selection import evaluation_set
 from draftwise.engine import AdaptivePolicy
 from draftwise.engine.selector import OfflinePolicy, OnlinePolicy, Selector
-from draftwise.measure import new_tokens, timed
+from draftwise.measure import new_tokens, timed, warm_up
 
 NEW_TOKENS = 48
 
@@ -65,9 +65,7 @@ def measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int
     target's. Sampled: outputs differ run to run (their law is the target's, which the tests
     check), so speeds are tokens per second."""
     runs = arms(target, tokenizer, pool, selector, sample)
-    warm = tokenizer(prompts[0]["text"], return_tensors="pt", add_special_tokens=False)
-    for run in runs.values():
-        run(warm)
+    warm_up(runs, tokenizer(prompts[0]["text"], return_tensors="pt", add_special_tokens=False))
     records = []
     for prompt in tqdm(prompts, desc="prompts", unit="prompt"):
         inputs = tokenizer(prompt["text"], return_tensors="pt", add_special_tokens=False)

@@ -31,7 +31,7 @@ import draftwise
 from draftwise.defaults import load_target, pool_drafters
 from draftwise.distill.selection import evaluation_set
 from draftwise.engine import PromptLookupDrafter
-from draftwise.measure import new_tokens, sequences_of, timed
+from draftwise.measure import new_tokens, sequences_of, timed, warm_up
 
 NEW_TOKENS = 48
 CHAIN_GAMMAS = (2, 3, 4, 6)
@@ -60,9 +60,7 @@ def arms(target, draft, tokenizer, sample: bool) -> dict:
 
 
 def measure(runs: dict, tokenizer, prompts: list[dict], sample: bool) -> list[dict]:
-    warm = tokenizer(prompts[0]["text"], return_tensors="pt", add_special_tokens=False)
-    for run in runs.values():
-        run(warm)
+    warm_up(runs, tokenizer(prompts[0]["text"], return_tensors="pt", add_special_tokens=False))
     records = []
     for prompt in tqdm(prompts, desc="prompts", unit="prompt"):
         inputs = tokenizer(prompt["text"], return_tensors="pt", add_special_tokens=False)

@@ -16,6 +16,7 @@ def _demo(args: argparse.Namespace) -> int:
     generation, on held-out prompts of several kinds."""
     from draftwise.defaults import load_pool
     from draftwise.distill.selection import evaluation_set
+    from draftwise.measure import warm_up
 
     if args.prompts < 1 or args.repeats < 1:
         raise SystemExit(f"draftwise demo: --prompts and --repeats must be at least 1, "
@@ -26,7 +27,7 @@ def _demo(args: argparse.Namespace) -> int:
     prompts = [p for p in evaluation_set(tokenizer, per_kind=1, seed=args.seed) if p["template"] == "chat"]
     prompts = [p["text"] for p in prompts][: args.prompts]
     _print_demo_header(target, drafts, args, len(prompts))
-    _warm_up(runs, tokenizer(prompts[0], return_tensors="pt"))
+    warm_up(runs, tokenizer(prompts[0], return_tensors="pt"), progress=True)
     totals, seconds_per_pass = _time_demo_runs(runs, tokenizer, prompts, args.repeats)
     _print_demo_table(totals)
     for line in _unreliable_timing_lines(seconds_per_pass):
@@ -64,17 +65,6 @@ def _print_demo_header(target, drafts, args: argparse.Namespace, prompts: int) -
     if args.compile:
         print("compiling the target's decode and verification forwards (torch.compile, once per process: "
               "1-3 minutes on a 2-core CPU; --no-compile skips it)")
-
-
-def _warm_up(runs: dict, inputs) -> None:
-    """One untimed call of every run: thread pools, allocator, first-call set-up, compilation."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(runs), desc="warm-up", unit="run") as bar:
-        for name, run in runs.items():
-            bar.set_postfix_str(name)
-            run(inputs)
-            bar.update()
 
 
 def _time_demo_runs(runs: dict, tokenizer, prompts: list[str], passes: int):

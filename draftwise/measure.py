@@ -29,6 +29,15 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
+def warm_up(runs: dict, inputs, progress: bool = False) -> None:
+    """One untimed call of every run (name -> ``run(inputs)``): thread pools, allocator, first-call
+    set-up, compilation."""
+    from tqdm.auto import tqdm
+
+    for name, run in tqdm(runs.items(), desc="warm-up", unit="run", disable=not progress):
+        run(inputs)
+
+
 def sequences_of(out) -> torch.Tensor:
     """The token ids of a ``generate`` result (a tensor or an output with ``sequences``)."""
     return out.sequences if hasattr(out, "sequences") else out

@@ -103,11 +103,11 @@ def get_implementation(name: str, *, filtered: bool | None = None) -> ChainImpl:
     if name == "triton":
         from .chain_triton import verify_chain_triton
 
-        return _with_accept_probs(functools.partial(verify_chain_triton, filtered=filtered))
+        return _with_accept_probs(functools.partial(verify_chain_triton, filtered=filtered), filtered)
     if name == "cpp":
         from .chain_cpp import verify_chain_cpp
 
-        return _with_accept_probs(verify_chain_cpp)  # checks the per-row values as it reads them
+        return _with_accept_probs(verify_chain_cpp, filtered)  # checks the per-row values as it reads them
     if name == "torch":
         from .reference import chain_reference
 
@@ -115,13 +115,13 @@ def get_implementation(name: str, *, filtered: bool | None = None) -> ChainImpl:
     raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
 
 
-def _with_accept_probs(kernel: ChainImpl) -> ChainImpl:
+def _with_accept_probs(kernel: ChainImpl, filtered: bool | None) -> ChainImpl:
     from .reference import acceptance_probabilities
 
     def verify(inp: ChainInputs) -> VerifyOutput:
         out = kernel(inp)
         if inp.return_accept_probs:
-            out = out._replace(accept_probs=acceptance_probabilities(inp))
+            out = out._replace(accept_probs=acceptance_probabilities(inp, filtered=filtered))
         return out
 
     return verify

@@ -219,7 +219,7 @@ def chain_reference(inp: ChainInputs, compute_dtype: torch.dtype = torch.float64
     output = torch.where(columns < j.view(-1, 1), torch.cat([safe_tokens, output[:, :1]], 1), output)
     output[rows, j] = emitted
 
-    accept_probs = acceptance_probabilities(inp, compute_dtype) if inp.return_accept_probs else None
+    accept_probs = acceptance_probabilities(inp, compute_dtype, filtered) if inp.return_accept_probs else None
     return VerifyOutput(output, num_accepted, accept_probs)
 
 
@@ -237,7 +237,8 @@ def _draft_distribution_at(q, tokens, j, num_drafted, like) -> torch.Tensor:
     return torch.where((j < num_drafted).view(-1, 1), q_j, 0.0)
 
 
-def acceptance_probabilities(inp: ChainInputs, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def acceptance_probabilities(inp: ChainInputs, compute_dtype: torch.dtype | None = None,
+                             filtered: bool | None = None) -> torch.Tensor:
     """``[B, K]`` float32: the probability that a draft from q passes each drafted position,
     ``sum_v min(q, f(p))`` (``sum min(p, q)`` when lossless; ``min(1, f(p(x)))`` for one-hot
     drafts); greedy rows: ``q(argmax p)`` (one-hot: whether x is the argmax); NaN past the drafts.
@@ -246,9 +247,11 @@ def acceptance_probabilities(inp: ChainInputs, compute_dtype: torch.dtype | None
     computes it here, on the inputs' device, only when ``return_accept_probs`` asks for it. An
     all-greedy batch needs only the argmax; otherwise the target's law of every drafted position
     is materialised, in ``compute_dtype`` (default: float32, float64 when top-k or top-p decide
-    what is kept, so that the kept set is the reference's).
+    what is kept, so that the kept set is the reference's). ``filtered`` as
+    :func:`chain_reference`'s (None: checked here).
     """
-    filtered = check_row_values(inp)
+    if filtered is None:
+        filtered = check_row_values(inp)
     k, vocab = inp.shape[1:]
     logits = sanitize_logits(inp.target_logits[:, :k], torch.float32)
     greedy_tokens = logits.argmax(-1)  # lowest index on ties, as the kernels
