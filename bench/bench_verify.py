@@ -76,7 +76,7 @@ def _callable(provider: str, inputs):
     if provider == "compiled":
         compiled = torch.compile(functools.partial(chain_reference, compute_dtype=torch.float32))
         return lambda: compiled(inputs)
-    implementation = get_implementation(provider)
+    implementation = get_implementation(provider, filtered=False)  # no top-k / top-p: known, as in a generation
     return lambda: implementation(inputs)
 
 

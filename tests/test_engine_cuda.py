@@ -39,15 +39,23 @@ def test_greedy_equals_hf_generate_without_device_syncs(cuda_pair, drafts, monke
     assert all(step.target_seconds > 0 for step in stats.trace)
 
 
-def test_tree_steps_on_the_device_give_the_target_greedy_output(cuda_pair):
-    """Token trees on CUDA: the tree forwards' attention runs in the Triton tree-attention kernel."""
+@pytest.mark.parametrize("tree_attention", ["sdpa", "triton"])
+def test_tree_steps_on_the_device_give_the_target_greedy_output(cuda_pair, tree_attention, monkeypatch):
+    """Token trees on CUDA, their attention in SDPA with the tree mask (the default) or in the
+    Triton tree-attention kernel."""
+    from draftwise.engine import attention
     from draftwise.engine.models import tree_attention_backend
 
+    monkeypatch.setenv("DRAFTWISE_TREE_ATTENTION", tree_attention)
+    calls = []
+    kernel = attention.tree_attention
+    monkeypatch.setattr(attention, "tree_attention", lambda *args, **kw: calls.append(args[-1]) or kernel(*args, **kw))
     target, draft = cuda_pair
-    assert tree_attention_backend(torch.device("cuda")) == "triton"
+    assert tree_attention_backend(torch.device("cuda")) == (None if tree_attention == "sdpa" else "triton")
     ids, mask = (t.cuda() for t in left_padded_prompts(3))
     want = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
                            max_new_tokens=24, eos_token_id=None)
     got = draftwise.generate(target, ids, mask, assistant_model=draft, tree_budget=10, do_sample=False,
                              pad_token_id=PAD, max_new_tokens=24, eos_token_id=None)
     assert torch.equal(got, want)
+    assert bool(calls) == (tree_attention == "triton")

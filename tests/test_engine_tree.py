@@ -419,3 +419,18 @@ def test_auto_trees_need_one_drafter_and_the_adaptive_schedule():
     for kwargs in (dict(drafts=[draft, PromptLookupDrafter()]), dict(assistant_model=draft, num_assistant_tokens=3),
                    dict(assistant_model=draft, repetition_penalty=1.2)):
         assert draftwise.generate(target, ids, mask, **kwargs, **common).spec_stats.tree_steps == 0
+
+
+def test_tree_attention_choice_reads_its_variable(monkeypatch):
+    """SDPA with the tree mask by default; the Triton kernel only on request and only on CUDA; a
+    wrong value names the variable."""
+    from draftwise.engine.models import tree_attention_backend
+
+    monkeypatch.delenv("DRAFTWISE_TREE_ATTENTION", raising=False)
+    assert tree_attention_backend(torch.device("cpu")) is None
+    assert tree_attention_backend(torch.device("cuda")) is None
+    monkeypatch.setenv("DRAFTWISE_TREE_ATTENTION", "triton")
+    assert tree_attention_backend(torch.device("cpu")) is None
+    monkeypatch.setenv("DRAFTWISE_TREE_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="DRAFTWISE_TREE_ATTENTION"):
+        tree_attention_backend(torch.device("cpu"))
