@@ -4,7 +4,7 @@
 # 1. the kernel test tier on the device (Triton compiled for the GPU, not the interpreter:
 #    exactness against the torch reference for chains and trees, tree attention, the edge cases,
 #    the op checks, the tests marked gpu, the engine on the device: greedy output, no device syncs
-#    in the loop, token trees through the tree-attention kernel);
+#    in the loop, token trees with SDPA and with the tree-attention kernel);
 # 2. every kernel benchmark: bench/bench_verify.py (Triton and the torch reference against a
 #    device-to-device copy, then torch.compile of the reference at B 8, K 4: its compiles
 #    take minutes), bench/bench_verify_tree.py,

@@ -83,8 +83,11 @@ def test_greedy_equals_hf_generate_with_no_compile_in_the_generation(pair, batch
     want = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
                            eos_token_id=None, max_new_tokens=24)
     engine = SpeculativeEngine(target, [draft], compile=True)
-    # The first call builds the runner and precompiles it.
-    engine.generate(ids, mask, max_new_tokens=24, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    # The first call builds the runner and precompiles it; the default schedule drafts chains only
+    # (tree forwards are not compiled).
+    first = engine.generate(ids, mask, max_new_tokens=24, do_sample=False, pad_token_id=PAD, eos_token_id=None,
+                            return_dict_in_generate=True)
+    assert torch.equal(first.sequences, want) and first.spec_stats.tree_steps == 0
     graphs = _graphs()
     for gamma in (1, 3, 6):  # verification forwards of 2, 4 and 7 tokens; rows finish at different steps
         got = engine.generate(ids, mask, max_new_tokens=24, do_sample=False, pad_token_id=PAD, eos_token_id=None,

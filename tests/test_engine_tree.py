@@ -411,13 +411,21 @@ def test_auto_trees_follow_the_measured_rates():
     assert tries == [6, 14, 30]  # the tree won at step 2: pauses 4, 8, 16
 
 
-def test_auto_trees_need_one_drafter_and_the_adaptive_schedule():
+@pytest.mark.parametrize("budget", ["the default", "auto"])
+def test_auto_trees_need_one_drafter_the_adaptive_schedule_and_no_selector(budget):
+    from draftwise.engine.policy import AdaptivePolicy
+
     target, draft = make_pair("llama")
     ids, mask = left_padded_prompts(2, width=9)
-    common = dict(tree_budget="auto", do_sample=False, pad_token_id=PAD, max_new_tokens=12, eos_token_id=None,
-                  return_dict_in_generate=True)
+    common = dict(do_sample=False, pad_token_id=PAD, max_new_tokens=12, eos_token_id=None,
+                  return_dict_in_generate=True, **({} if budget == "the default" else dict(tree_budget="auto")))
+    want = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
+                           max_new_tokens=12, eos_token_id=None)
+    out = draftwise.generate(target, ids, mask, assistant_model=draft, **common)
+    assert out.spec_stats.tree_steps > 0 and torch.equal(out.sequences, want)  # the third step tries a tree
     for kwargs in (dict(drafts=[draft, PromptLookupDrafter()]), dict(assistant_model=draft, num_assistant_tokens=3),
-                   dict(assistant_model=draft, repetition_penalty=1.2)):
+                   dict(assistant_model=draft, repetition_penalty=1.2),
+                   dict(assistant_model=draft, selector=AdaptivePolicy())):
         assert draftwise.generate(target, ids, mask, **kwargs, **common).spec_stats.tree_steps == 0
 
 

@@ -137,8 +137,11 @@ class SpeculativeEngine:
         processors = settings.processors(self.target, attention_mask)
         trees = options.tree_budget
         drafters = list(self.drafters) + list(options.extra_drafters)
-        if options.tree_auto and (processors is not None or len(drafters) != 1 or options.schedule != "adaptive"):
-            trees = 0  # "auto" drafts trees only for one drafter, its γ adaptive, nothing a tree does not run
+        if options.tree_auto and (processors is not None or len(drafters) != 1 or options.schedule != "adaptive"
+                                  or options.selector is not None or self.compile):
+            # "auto": trees only for one drafter, its γ adaptive, no selector, nothing a tree does not run,
+            # and eager forwards (tree forwards are not compiled, so they lose to compiled chains)
+            trees = 0
         if trees and processors is not None:
             raise ValueError("tree_budget: token trees run neither logits processors (repetition_penalty, "
                              "no_repeat_ngram_size, min_p, ...) nor output_scores / output_logits; "
@@ -258,20 +261,22 @@ def _resolve(model, kwargs: dict, prompt_width: int, device) -> CallOptions:
     if stop_strings and own["tokenizer"] is None:
         raise ValueError("stop_strings: pass tokenizer= as well, to decode the generated tokens")
     lenience = _lenience(own["lenience"])
+    trees = "auto" if own["tree_budget"] is None else own["tree_budget"]
     return CallOptions(
         settings=settings, gamma=gamma, schedule=schedule, selector=own["selector"], extra_drafters=tuple(extra),
         confidence_threshold=threshold, seed=seed, streamer=own["streamer"], stop_strings=tuple(stop_strings),
-        tokenizer=own["tokenizer"], lenience=lenience, tree_budget=_tree_budget(own["tree_budget"], lenience),
-        tree_auto=own["tree_budget"] == "auto",
+        tokenizer=own["tokenizer"], lenience=lenience, tree_budget=_tree_budget(trees, lenience),
+        tree_auto=trees == "auto",
     )
 
 
 def _tree_budget(value, lenience: Optional[Lenience]) -> int:
     """``tree_budget=``: 0 (chains), the most drafted nodes a token tree verifies per step, or
-    "auto" (chain or tree steps of :data:`AUTO_TREE_BUDGET` nodes, whichever measures faster)."""
+    "auto", the default (chain or tree steps of :data:`AUTO_TREE_BUDGET` nodes, whichever
+    measures faster)."""
     from .tree import MAX_NODES
 
-    if value is None or value == 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
         return 0
     if value == "auto":
         return 0 if lenience is not None else AUTO_TREE_BUDGET
@@ -332,11 +337,12 @@ def generate(model, input_ids=None, attention_mask=None, *, assistant_model=None
     stops costing time there (and is tried again now and then); with several, ``"online"``. A
     selector trained for another pool or target raises a ``ValueError`` naming ``selector``.
 
-    ``tree_budget`` (draftwise's own, default 0: chains): each step verifies a token tree of at
-    most that many drafted nodes per row in one target forward (one draft model's dynamic tree,
-    several drafters' trie, prompt lookup's matches); ``"auto"``: with one drafter and the
-    adaptive schedule, chain or tree steps (of :data:`~draftwise.engine.policy.AUTO_TREE_BUDGET`
-    nodes), whichever measures more tokens per second, else chains. See ``docs/trees.md``.
+    ``tree_budget`` (draftwise's own): N > 0, each step verifies a token tree of at most N drafted
+    nodes per row in one target forward (one draft model's dynamic tree, several drafters' trie,
+    prompt lookup's matches); 0, chains; ``"auto"`` (the default): with one drafter, the adaptive
+    schedule, no ``selector``, no logits processors and no ``compile``, chain or tree steps (of
+    :data:`~draftwise.engine.policy.AUTO_TREE_BUDGET` nodes), whichever measures more tokens per
+    second, else chains. See ``docs/trees.md``.
 
     ``compile`` (draftwise's own, default False) runs the target's decode and verification
     forwards through ``torch.compile``: faster steps after a one-time compile, done with a

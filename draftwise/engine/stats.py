@@ -20,7 +20,7 @@ class SpecStats:
     accepted: int = 0
     emitted: int = 0  # tokens emitted by verification steps
     new_tokens: int = 0  # every generated token, the prefill's first one included
-    drafted_at: list[int] = dataclasses.field(default_factory=list)  # per draft position
+    drafted_at: list[int] = dataclasses.field(default_factory=list)  # per draft position, chain steps only
     accepted_at: list[int] = dataclasses.field(default_factory=list)
     accept_prob_sum: float = 0.0
     accept_prob_count: int = 0
