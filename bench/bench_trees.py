@@ -6,10 +6,10 @@ target's) or sampled at T = 1 (`--sample`; tokens per second, since outputs diff
 prompt by prompt in one process:
 
 - the target alone (Hugging Face's `model.generate`), the baseline of every speedup;
-- the default draft as a chain: each fixed γ, and the default adaptive schedule;
+- the default draft as a chain: each fixed γ, and the adaptive schedule;
 - the default draft's dynamic tree (`tree_budget=N`, EAGLE-2's rule) at several budgets;
 - the trie of the default draft's chain and prompt lookup's matches (`drafts=[draft, lookup]`);
-- `tree_budget="auto"`: chain or tree steps, whichever measures faster.
+- `tree_budget="auto"` (the default): chain or tree steps, whichever measures faster.
 
 `--arms` keeps the arms whose names contain one of the given words (the target alone always runs).
 
@@ -47,15 +47,14 @@ def arms(target, draft, tokenizer, sample: bool) -> dict:
         runs[f"chain γ={gamma}"] = (lambda g: lambda x: draftwise.generate(
             target, **x, assistant_model=draft, num_assistant_tokens=g, assistant_confidence_threshold=0.0,
             **ours))(gamma)
-    runs["chain, adaptive (default)"] = lambda x: draftwise.generate(target, **x, assistant_model=draft, **ours)
+    runs["chain, adaptive"] = lambda x: draftwise.generate(target, **x, assistant_model=draft, tree_budget=0, **ours)
     for budget in BUDGETS:
         runs[f"tree, {budget} nodes"] = (lambda n: lambda x: draftwise.generate(
             target, **x, assistant_model=draft, tree_budget=n, **ours))(budget)
     runs["trie: draft + lookup, 16 nodes"] = lambda x: draftwise.generate(
         target, **x, drafts=[draft, PromptLookupDrafter()], tree_budget=16, num_assistant_tokens=4,
         assistant_confidence_threshold=0.0, **ours)
-    runs["auto: chain or tree"] = lambda x: draftwise.generate(target, **x, assistant_model=draft,
-                                                               tree_budget="auto", **ours)
+    runs["auto: chain or tree (default)"] = lambda x: draftwise.generate(target, **x, assistant_model=draft, **ours)
     return runs
 
 
