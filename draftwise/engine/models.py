@@ -64,8 +64,8 @@ _MODEL_LOCKS_GUARD = threading.Lock()
 def tree_attention_backend(device: torch.device) -> str | None:
     """The kernel a token-tree forward's attention runs on; None keeps SDPA with the dense tree mask.
 
-    SDPA with the mask is the default everywhere: on an H200 a forward of the default target
-    (30 layers, batch 1) ran 15-25% faster through it than through the Triton tree-attention
+    SDPA with the mask is the default everywhere: on an H200 a tree forward in the default
+    target's shape (30 layers, batch 1) took 10-44% longer through the Triton tree-attention
     kernel, whose device time is lower but whose two launches a layer cost more host time than
     they save (``bench/gpu_engine.py``). ``DRAFTWISE_TREE_ATTENTION=triton`` routes CUDA tree
     forwards through the kernel, which pays where attention dominates (long prefixes, batches)."""
