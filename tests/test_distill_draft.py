@@ -4,7 +4,7 @@ import pytest
 import torch
 from oracles import ALPHA, chi_square
 from oracles import first_two_token_law
-from tiny_models import tiny_model
+from tiny_models import ARCHS, tiny_model
 
 import draftwise
 from draftwise.distill import build_draft, load_draft, save_draft
@@ -119,3 +119,44 @@ def test_bad_arguments(target):
         build_draft(target, 1, vocab_ids=[1, 1])
     with pytest.raises(ValueError, match="train_head"):
         build_draft(target, 1, train_head=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fresh", [False, True], ids=["copied", "fresh"])
+def test_drafts_of_every_architecture(arch, fresh, tmp_path):
+    """Layer lists named ``layers`` or ``h``, final norms ``norm``, ``ln_f`` or
+    ``final_layer_norm``: the draft shares the embeddings, copies the chosen layers, gives the
+    target's greedy output, and comes back from its folder unchanged."""
+    target = tiny_model(arch, layers=3, vocab=VOCAB, seed=0)
+    draft = build_draft(target, layers=[0, 2], fresh=fresh, seed=1).eval()
+    assert _shares(draft.get_input_embeddings(), target.get_input_embeddings())
+    copied = [dict(layer.state_dict()) for layer in (draft.get_decoder().get_submodule(_stack(draft))[1],
+                                                     target.get_decoder().get_submodule(_stack(target))[2])]
+    assert all(torch.equal(copied[0][k], copied[1][k]) for k in copied[1]) != fresh
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = target.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = draftwise.generate(target, ids, assistant_model=draft, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    assert torch.equal(got, want)
+    save_draft(draft, tmp_path / "draft", dtype=None)
+    back = load_draft(tmp_path / "draft", target)
+    assert torch.equal(back(ids).logits, draft(ids).logits)
+
+
+def _stack(model) -> str:
+    return "h" if hasattr(model.get_decoder(), "h") else "layers"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_drafts_of_every_architecture_share_the_final_norm(arch):
+    from draftwise.defaults import layer_draft
+    from draftwise.engine.draft_model import final_norm_name
+
+    target = tiny_model(arch, layers=3, vocab=VOCAB, seed=0)
+    draft = layer_draft(target, 1)
+    norm = final_norm_name(target)
+    assert _shares(getattr(draft.get_decoder(), norm), getattr(target.get_decoder(), norm))
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = target.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(draftwise.generate(target, ids, assistant_model=draft, max_new_tokens=8, do_sample=False,
+                                          pad_token_id=0, eos_token_id=None), want)

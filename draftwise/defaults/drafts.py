@@ -125,8 +125,9 @@ def layer_draft(target: nn.Module, num_layers: int | None = None, *,
     converting the draft leaves the target as it is).
     (:func:`~draftwise.engine.draft_model.build_draft` builds the same for training, with its own norm.)
     """
-    from draftwise.engine.draft_model import build_draft, sharing_copy
+    from draftwise.engine.draft_model import build_draft, final_norm_name, sharing_copy
 
     draft = build_draft(target, num_layers, layers=layers)
-    draft.get_decoder().norm = sharing_copy(target.get_decoder().norm)
+    norm = final_norm_name(target)
+    setattr(draft.get_decoder(), norm, sharing_copy(getattr(target.get_decoder(), norm)))
     return draft.train(target.training)

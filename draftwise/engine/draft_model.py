@@ -119,10 +119,8 @@ def build_draft(target: nn.Module, num_layers: int | None = None, *, layers: Seq
     The draft is in training mode with only its own parameters requiring grad; save it with
     :func:`save_draft`.
     """
-    decoder = target.get_decoder()
-    stack = getattr(decoder, "layers", None)
-    if not isinstance(stack, nn.ModuleList):
-        raise TypeError(f"build_draft needs a decoder with a `layers` ModuleList, got {type(decoder).__name__}")
+    decoder, decoder_name, stack_name, norm_name = _decoder_layout(target)
+    stack = getattr(decoder, stack_name)
     layers = _layer_indices(len(stack), num_layers, layers)
     embeddings = target.get_input_embeddings()
     vocab_size = embeddings.weight.shape[0]
@@ -131,8 +129,7 @@ def build_draft(target: nn.Module, num_layers: int | None = None, *, layers: Seq
     config.num_hidden_layers = len(layers)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in layers]
-    decoder_name = next(n for n, m in target.named_children() if m is decoder)
-    shared = [f"{decoder_name}.{name}" for name, _ in decoder.named_children() if name not in ("layers", "norm")]
+    shared = [f"{decoder_name}.{name}" for name, _ in decoder.named_children() if name not in (stack_name, norm_name)]
     if vocab_ids is None:
         shared.append("lm_head")
     setattr(config, DRAFT_KEY, {"source_layers": None if fresh else layers, "shared": shared,
@@ -140,15 +137,18 @@ def build_draft(target: nn.Module, num_layers: int | None = None, *, layers: Seq
     with torch.device("meta"):
         draft = type(target)._from_config(config, dtype=target.dtype)
     attach_shared(draft, target, {"shared": shared})
-    draft_decoder = draft.get_decoder()
-    draft_decoder.norm = copy.deepcopy(decoder.norm)
+    draft_decoder = draft.get_submodule(decoder_name)
+    setattr(draft_decoder, norm_name, copy.deepcopy(getattr(decoder, norm_name)))
     if fresh:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             new = [type(stack[0])(config, layer_idx=i).to(target.device, target.dtype) for i in range(len(layers))]
             for layer in new:
                 layer.apply(draft._init_weights)
-            nn.init.ones_(draft_decoder.norm.weight)
+            norm = getattr(draft_decoder, norm_name)  # a fresh norm: scale 1, shift 0
+            nn.init.ones_(norm.weight)
+            if getattr(norm, "bias", None) is not None:
+                nn.init.zeros_(norm.bias)
     else:
         new = []
         for new_index, i in enumerate(layers):
@@ -157,7 +157,7 @@ def build_draft(target: nn.Module, num_layers: int | None = None, *, layers: Seq
                 if hasattr(sub, "layer_idx"):
                     sub.layer_idx = new_index
             new.append(layer)
-    draft_decoder.layers = nn.ModuleList(new)
+    setattr(draft_decoder, stack_name, nn.ModuleList(new))
     if vocab_ids is not None:
         ids = torch.as_tensor(vocab_ids, dtype=torch.long, device=embeddings.weight.device)
         rows = embeddings.weight.detach()[ids].clone()
@@ -172,6 +172,27 @@ def build_draft(target: nn.Module, num_layers: int | None = None, *, layers: Seq
     for p in draft.parameters():
         p.requires_grad_(id(p) not in frozen)
     return draft.train()
+
+
+LAYER_STACKS = ("layers", "h")  # the decoder's layer list: Llama, Qwen2, Gemma, GPT-NeoX, OPT ...; GPT-2
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm")
+
+
+def _decoder_layout(target: nn.Module) -> tuple[nn.Module, str, str, str]:
+    """``(decoder, its path in the target, its layer list's name, its final norm's name)``."""
+    decoder = target.get_decoder()
+    path = next((name for name, module in target.named_modules() if module is decoder and name), None)
+    stack = next((n for n in LAYER_STACKS if isinstance(getattr(decoder, n, None), nn.ModuleList)), None)
+    norm = next((n for n in FINAL_NORMS if isinstance(getattr(decoder, n, None), nn.Module)), None)
+    if path is None or stack is None or norm is None:
+        raise TypeError(f"build_draft: {type(target).__name__} has no decoder with a layer list "
+                        f"({' or '.join(LAYER_STACKS)}) and a final norm ({', '.join(FINAL_NORMS)})")
+    return decoder, path, stack, norm
+
+
+def final_norm_name(target: nn.Module) -> str:
+    """The name of the decoder's final norm (``norm``, ``ln_f`` or ``final_layer_norm``)."""
+    return _decoder_layout(target)[3]
 
 
 def _shared_prefixes(model: nn.Module) -> list[str]:
