@@ -172,6 +172,7 @@ def _generate(args: argparse.Namespace) -> int:
     """Generate from prompts given as arguments or in a file, with a draft, the pool, prompt
     lookup or nothing; print each answer and its α, τ and tokens per second."""
     import draftwise
+    from draftwise.prompts import prompt_text
 
     prompts = _read_prompts(args.prompts, args.file)  # before any model loads
     if args.max_new_tokens < 1:
@@ -183,7 +184,9 @@ def _generate(args: argparse.Namespace) -> int:
     tree_budget = args.tree_budget if args.tree_budget == "auto" else int(args.tree_budget)
     total_tokens, total_seconds = 0, 0.0
     for prompt in prompts:
-        text = prompt if args.raw else _templated(tokenizer, prompt)
+        if args.raw and not isinstance(prompt, str):
+            raise ValueError("--raw: a conversation ({\"messages\": [...]}) needs the chat template")
+        text = prompt if args.raw else prompt_text(tokenizer, prompt)
         inputs = tokenizer(text, return_tensors="pt")
         out = draftwise.generate(target, **inputs, **options, **sampling, max_new_tokens=args.max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, tree_budget=tree_budget,
@@ -200,42 +203,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _read_prompts(arguments: list[str], file: str | None) -> list:
-    """Prompts from the command line, then from ``file``: one per line, plain text, or JSON lines
-    holding a string, ``{"prompt": ...}`` or a conversation ``{"messages": [...]}``."""
-    import json
+    """Prompts from the command line, then from ``file`` (see :func:`draftwise.prompts.read_prompt_file`)."""
+    from draftwise.prompts import read_prompt_file
 
-    prompts = list(arguments)
-    if file is not None:
-        with open(file) as handle:
-            lines = [line for line in handle.read().splitlines() if line.strip()]
-        for number, line in enumerate(lines, 1):
-            if not file.endswith((".jsonl", ".json")):
-                prompts.append(line)
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--file: line {number} of {file} is not JSON ({error.msg})") from None
-            if isinstance(value, dict):
-                value = value.get("messages", value.get("prompt"))
-            if not (isinstance(value, str) or (isinstance(value, list) and value)):
-                raise ValueError(f"--file: line {number} of {file} holds no prompt (a string, "
-                                 f'{{"prompt": ...}} or {{"messages": [...]}})')
-            prompts.append(value)
+    prompts = list(arguments) + (read_prompt_file(file) if file is not None else [])
     if not prompts:
         raise ValueError("prompts: give at least one prompt as an argument or in --file")
     return prompts
-
-
-def _templated(tokenizer, prompt) -> str:
-    """A prompt (a request, or a conversation as a list of messages) in the chat template."""
-    from draftwise.prompts import chat_text
-
-    if isinstance(prompt, str):
-        return chat_text(tokenizer, prompt)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--file: a conversation needs a tokenizer with a chat template")
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
 def _generation_models(args: argparse.Namespace):
@@ -325,6 +299,11 @@ def _check_distill_arguments(args: argparse.Namespace) -> None:
                          f"got {args.corpus_texts} with --data {args.data}")
     if not 0 <= args.corpus_docs <= 1:
         raise SystemExit(f"draftwise distill: --corpus-docs must lie in [0, 1], got {args.corpus_docs}")
+    if args.prompts is not None:
+        from draftwise.prompts import read_prompt_file
+
+        if not read_prompt_file(args.prompts, "--prompts"):  # a bad file fails here, before any model loads
+            raise SystemExit(f"draftwise distill: --prompts: {args.prompts} holds no prompt")
 
 
 def _distill_config(args: argparse.Namespace):
@@ -351,8 +330,8 @@ def _data_spec(args: argparse.Namespace, config, mix: dict[str, float]):
 
     return DataSpec(train_prompts=args.train_prompts, max_new_tokens=args.max_new_tokens,
                     vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods,
-                    completions=args.completions, prompt_source=args.prompt_source, seed=args.seed,
-                    reads_fixed_corpus=reads_fixed_corpus(mix, config) and not args.corpus_texts)
+                    completions=args.completions, prompt_source=args.prompt_source, prompts_file=args.prompts,
+                    seed=args.seed, reads_fixed_corpus=reads_fixed_corpus(mix, config) and not args.corpus_texts)
 
 
 def _eval_draft(args: argparse.Namespace) -> int:
@@ -480,6 +459,9 @@ def _add_distill(commands) -> None:
     p.add_argument("--methods", action="store_true", help="prompts about class methods too (more distinct prompts)")
     p.add_argument("--completions", action="store_true",
                    help="also prompts to write a documented function's body from its signature and docstring")
+    p.add_argument("--prompts", help="your own training prompts, one per line: plain text, or JSON lines (.jsonl) "
+                                     'holding a string, {"prompt": ...} or a conversation {"messages": [...]}; '
+                                     "every one is used (instead of --prompt-source and --train-prompts)")
     p.add_argument("--prompt-source", default=spec.prompt_source, choices=PROMPT_SOURCES,
                    help="what the training prompts are about: code (standard-library functions and documentation), "
                         "prose (Wikipedia articles and documentation: summaries, explanations, answers, "

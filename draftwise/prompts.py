@@ -173,3 +173,38 @@ def chat_text(tokenizer, request: str) -> str:
         return request + "\n\n"
     return tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def read_prompt_file(path: str, argument: str = "--file") -> list:
+    """Prompts from ``path``, one per line: plain text, or (``.jsonl`` / ``.json``) JSON lines
+    holding a string, ``{"prompt": ...}`` or a conversation ``{"messages": [...]}``. Blank lines
+    are skipped. Errors name ``argument`` and the line."""
+    import json
+
+    with open(path) as handle:
+        lines = [line for line in handle.read().splitlines() if line.strip()]
+    if not path.endswith((".jsonl", ".json")):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{argument}: line {number} of {path} is not JSON ({error.msg})") from None
+        if isinstance(value, dict):
+            value = value.get("messages", value.get("prompt"))
+        if not (isinstance(value, str) or (isinstance(value, list) and value)):
+            raise ValueError(f"{argument}: line {number} of {path} holds no prompt (a string, "
+                             f'{{"prompt": ...}} or {{"messages": [...]}})')
+        prompts.append(value)
+    return prompts
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """A request (``chat_text``) or a conversation (a list of messages) in the tokenizer's chat
+    template, ready for the answer."""
+    if isinstance(prompt, str):
+        return chat_text(tokenizer, prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompts: a conversation needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

@@ -28,6 +28,7 @@ from draftwise.cli import main
     (["generate", "x", "--draft", "pool", "--target", "y"], "--draft pool"),
     (["generate", "--file", "/nonexistent.txt"], "/nonexistent.txt"),
     (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["distill", "--output", "x", "--prompts", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -53,6 +54,12 @@ def test_version_and_defaults_in_the_help(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "(default: auto)" in capsys.readouterr().out
+
+
+def test_distill_refuses_an_empty_prompt_file_before_loading(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(SystemExit, match="holds no prompt"):
+        main(["distill", "--output", str(tmp_path / "out"), "--prompts", str(tmp_path / "empty.txt")])
 
 
 def test_generate_reads_plain_and_json_lines_prompts(tmp_path):

@@ -2,6 +2,7 @@
 (tiny model; the text, prompts and corpus are stubs, no real corpus is built)."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -73,3 +74,34 @@ def test_a_spec_that_never_reads_the_corpus_does_not_prepare_it(teacher_calls, t
 
 def test_reading_the_corpus_does_not_rename_the_data():
     assert dataclasses.replace(SPEC, reads_fixed_corpus=False).key() == SPEC.key()
+
+
+def test_a_prompt_file_replaces_the_built_in_requests_and_names_the_data(tmp_path):
+    """``--prompts FILE``: every prompt of the file (requests and conversations), and a data name
+    that follows the file's content, not its path."""
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+                    {"role": "user", "content": "and now?"}]
+    first.write_text('"one"\n{"prompt": "two"}\n' + json.dumps({"messages": conversation}) + "\n")
+    second.write_text(first.read_text())
+    spec = DataSpec(prompts_file=str(first), train_prompts=1)
+    assert recipe.requests_for(spec) == ["one", "two", conversation]
+    assert spec.key() == DataSpec(prompts_file=str(second), train_prompts=1).key() != DataSpec().key()
+    second.write_text('"one"\n')
+    assert DataSpec(prompts_file=str(second)).key() != DataSpec(prompts_file=str(first)).key()
+
+
+def test_chat_prompts_take_conversations():
+    from draftwise.distill.data import chat_prompts
+
+    class Template:  # the least a tokenizer with a chat template does here
+        chat_template = "yes"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return "|".join(m["content"] for m in messages) + "|>"
+
+        def __call__(self, text, return_tensors, add_special_tokens):
+            return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+    ids = chat_prompts(Template(), [[{"role": "user", "content": "ab"}], "c"], max_tokens=10)
+    assert ["".join(map(chr, p.tolist())) for p in ids] == ["ab|>", "c|>"]

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from draftwise.engine.models import ModelRunner
-from draftwise.prompts import CODE_REQUESTS, chat_text, code_request, signature_and_docstring, stdlib_functions
+from draftwise.prompts import CODE_REQUESTS, code_request, prompt_text, signature_and_docstring, stdlib_functions
 
 DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")  # Debian's python3.11-doc, when installed
 
@@ -110,12 +110,13 @@ def corpus_texts(count: int, seed: int = 0, chars: int = 1200, methods: bool = F
 # Tokens
 
 
-def chat_prompts(tokenizer, requests: Sequence[str], max_tokens: int = 192) -> list[torch.Tensor]:
-    """Each request as :func:`~draftwise.prompts.chat_text`, tokenized (requests longer than
-    ``max_tokens`` are dropped)."""
+def chat_prompts(tokenizer, requests: Sequence, max_tokens: int = 192) -> list[torch.Tensor]:
+    """Each request (or conversation, a list of messages) in the chat template
+    (:func:`~draftwise.prompts.prompt_text`), tokenized (those longer than ``max_tokens`` are
+    dropped)."""
     prompts = []
     for request in requests:
-        ids = tokenizer(chat_text(tokenizer, request), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        ids = tokenizer(prompt_text(tokenizer, request), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         if len(ids) <= max_tokens:
             prompts.append(ids)
     return prompts

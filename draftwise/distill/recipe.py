@@ -49,6 +49,7 @@ class DataSpec:
     methods: bool = False  # training prompts also about class methods (many more distinct prompts)
     completions: bool = False  # also requests to write a documented function's body
     prompt_source: str = "code"
+    prompts_file: str | None = None  # your own training prompts instead of prompt_source's (all of them)
     seed: int = 0
     reads_fixed_corpus: bool = True
 
@@ -64,6 +65,10 @@ class DataSpec:
             del fields["completions"]
         if self.prompt_source == "code":
             del fields["prompt_source"]
+        if self.prompts_file is None:
+            del fields["prompts_file"]
+        else:  # the file's content names the data, not its path
+            fields["prompts_file"] = hashlib.sha1(Path(self.prompts_file).read_bytes()).hexdigest()
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -127,10 +132,15 @@ def _answers_and_corpus(target, tokenizer, spec: DataSpec, progress: bool) -> Pr
                         heldout_prompts)
 
 
-def requests_for(spec: DataSpec) -> list[str]:
-    """The training requests of ``spec.prompt_source``: ``spec.train_prompts`` of them (plus the
-    completion requests of ``spec.completions`` on the code side); ``mixed`` takes half of its
-    count from each side and shuffles them together."""
+def requests_for(spec: DataSpec) -> list:
+    """The training requests: every prompt of ``spec.prompts_file`` when there is one (requests,
+    or conversations as lists of messages); else those of ``spec.prompt_source``,
+    ``spec.train_prompts`` of them (plus the completion requests of ``spec.completions`` on the
+    code side); ``mixed`` takes half of its count from each side and shuffles them together."""
+    if spec.prompts_file is not None:
+        from draftwise.prompts import read_prompt_file
+
+        return read_prompt_file(spec.prompts_file, "--prompts")
     code = prose = 0
     if spec.prompt_source == "code":
         code = spec.train_prompts
