@@ -1,10 +1,33 @@
-"""Input builders shared by the kernel tests: batches of drafted chains in five (p, q) regimes."""
+"""Input builders shared by the kernel tests: batches of drafted chains in five (p, q) regimes,
+and the chain backends with the device each runs on."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from draftwise.kernels import PAD_TOKEN, Uniforms
+from draftwise.kernels import PAD_TOKEN, Uniforms, available_backends
+
+
+def device_of(backend: str) -> str:
+    """Where ``backend`` runs: Triton on CUDA when there is a device (else its interpreter), the rest on the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+BACKENDS = [  # every chain backend, skipped where it cannot run
+    pytest.param(name, id=name, marks=[] if name in available_backends(device_of(name)) else
+                 pytest.mark.skip(reason=f"backend {name!r} is not available here"))
+    for name in ("torch", "cpp", "triton")
+]
+
+
+def on(device: str, value):
+    """Tensors and :class:`Uniforms` moved to ``device``; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Uniforms):
+        return Uniforms(*(u.to(device) for u in value))
+    return value
 
 REGIMES = ("random", "equal", "disjoint", "onehot", "peaked")
 

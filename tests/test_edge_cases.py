@@ -8,31 +8,15 @@ import torch
 from draftwise.kernels import PAD_TOKEN, Uniforms, available_backends, seeded_uniforms
 from draftwise.kernels import verify_chain as verify_chain_op
 
-from cases import make_case, make_uniforms
-
-
-def device_of(backend: str) -> str:
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-
-
-BACKENDS = [
-    pytest.param(name, id=name, marks=[] if name in available_backends(device_of(name)) else
-                 pytest.mark.skip(reason=f"backend {name!r} is not available here"))
-    for name in ("torch", "cpp", "triton")
-]
+from cases import BACKENDS, device_of, make_case, make_uniforms, on
 
 
 def verify_chain(*args, backend: str, **kwargs):
     """The op on ``backend``'s device (Triton on CUDA when there is one), its outputs on the CPU."""
     device = device_of(backend)
-
-    def move(value):
-        if isinstance(value, Uniforms):
-            return Uniforms(*(u.to(device) for u in value))
-        return value.to(device) if isinstance(value, torch.Tensor) else value
-
-    out = verify_chain_op(*map(move, args), backend=backend, **{name: move(v) for name, v in kwargs.items()})
-    return type(out)(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in out))
+    out = verify_chain_op(*(on(device, a) for a in args), backend=backend,
+                          **{name: on(device, v) for name, v in kwargs.items()})
+    return type(out)(*(on("cpu", t) for t in out))
 U_MIN, U_MAX = 0.5 * 2.0**-23, 1.0 - 0.5 * 2.0**-23  # the extreme values the generator can draw
 
 

@@ -12,23 +12,13 @@ import pytest
 import torch
 
 from draftwise.kernels import (
-    PAD_TOKEN, Lenience, Uniforms, available_backends, get_implementation, normalize_inputs,
+    PAD_TOKEN, Lenience, get_implementation, normalize_inputs,
 )
 from draftwise.kernels.backend import triton_interpreted
 from draftwise.kernels.reference import chain_reference
 
-from cases import make_case, make_residual_case, make_uniforms
+from cases import BACKENDS, device_of, make_case, make_residual_case, make_uniforms, on
 
-
-def device_of(backend: str) -> str:
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-
-
-BACKENDS = [
-    pytest.param(name, id=name, marks=[] if name in available_backends(device_of(name)) else
-                 pytest.mark.skip(reason=f"backend {name!r} is not available here"))
-    for name in ("torch", "cpp", "triton")
-]
 NOISE = ["injected", "seeded"]
 
 
@@ -57,15 +47,6 @@ def noise_options(noise: str, batch: int, k: int, vocab: int) -> dict:
     if noise == "injected":
         return dict(uniforms=make_uniforms(batch, k, vocab))
     return dict(seed=torch.arange(batch, dtype=torch.int64) * 1_000_003 - 2**40)
-
-
-def on(device: str, value):
-    """Tensors and :class:`Uniforms` moved to ``device``; other values as they are."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Uniforms):
-        return Uniforms(*(u.to(device) for u in value))
-    return value
 
 
 def run(backend: str, tokens, draft_probs, logits, **options):
