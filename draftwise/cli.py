@@ -175,21 +175,20 @@ def _generate(args: argparse.Namespace) -> int:
     from draftwise.prompts import prompt_text
 
     prompts = _read_prompts(args.prompts, args.file)  # before any model loads
+    if args.raw and not all(isinstance(prompt, str) for prompt in prompts):
+        raise ValueError("--raw: a conversation ({\"messages\": [...]}) needs the chat template")
     if args.max_new_tokens < 1:
         raise SystemExit(f"draftwise generate: --max-new-tokens must be at least 1, got {args.max_new_tokens}")
     torch.manual_seed(args.seed)
     target, tokenizer, options = _generation_models(args)
     sampling = (dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
                 if args.sample else dict(do_sample=False))
-    tree_budget = args.tree_budget if args.tree_budget == "auto" else int(args.tree_budget)
     total_tokens, total_seconds = 0, 0.0
     for prompt in prompts:
-        if args.raw and not isinstance(prompt, str):
-            raise ValueError("--raw: a conversation ({\"messages\": [...]}) needs the chat template")
         text = prompt if args.raw else prompt_text(tokenizer, prompt)
         inputs = tokenizer(text, return_tensors="pt")
         out = draftwise.generate(target, **inputs, **options, **sampling, max_new_tokens=args.max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, tree_budget=tree_budget,
+                                 pad_token_id=tokenizer.pad_token_id, tree_budget=args.tree_budget,
                                  return_dict_in_generate=True, compile=args.compile)
         stats = out.spec_stats
         answer = tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -239,14 +238,16 @@ def _generation_models(args: argparse.Namespace):
 
 
 def _tree_budget(text: str):
+    from draftwise.engine.tree import MAX_NODES
+
     if text == "auto":
         return text
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number of nodes, got {text!r}") from None
-    if not 0 <= value < 64:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or 0 to 63 nodes, got {value}")
+    if not 0 <= value < MAX_NODES:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or 0 to {MAX_NODES - 1} nodes, got {value}")
     return value
 
 

@@ -201,3 +201,10 @@ def test_demo_timing_times_every_run_in_every_pass_and_shows_each_output_once(ca
     out = capsys.readouterr().out
     assert out.count("answer of 2 tokens") == 2  # the first pass only, once per prompt
     assert out.count("[other: output differs from the target's own greedy output]") == 2
+
+
+def test_generate_refuses_a_raw_conversation_before_loading(tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(SystemExit):  # before the (missing) model folder is read
+        main(["generate", "--raw", "--file", str(tmp_path / "c.jsonl"), "--target", str(tmp_path / "no-model")])
+    assert "--raw: a conversation" in capsys.readouterr().err
