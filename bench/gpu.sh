@@ -8,9 +8,10 @@
 # 2. every kernel benchmark: bench/bench_verify.py (Triton and the torch reference against a
 #    device-to-device copy, then torch.compile of the reference at B 8, K 4: its compiles
 #    take minutes), bench/bench_verify_tree.py,
-#    bench/bench_tree_attention.py (against SDPA with a mask);
+#    bench/bench_tree_attention.py (against SDPA with a mask), bench/bench_ragged.py (the ragged
+#    entry against padding + the padded entry at B 64 and 256, and its CUDA-graph replay);
 # 3. bench/gpu_engine.py: forward costs and whole generations in real model shapes.
-# Writes at most eight files, with the GPU's name and the versions, under OUT_DIR; each stage has
+# Writes at most ten files, with the GPU's name and the versions, under OUT_DIR; each stage has
 # its own time limit, so one that hangs costs only its own results. Uses $PY, else
 # .venv/bin/python, else python3; that interpreter needs a CUDA build of torch, triton, transformers
 # and pytest-benchmark, and either the package installed or the repository on PYTHONPATH.
@@ -61,13 +62,14 @@ workers=()
 stage 200 "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}" tests/test_verify_triton.py \
     tests/test_verify_chain.py tests/test_verify_tree.py tests/test_verify_tree_backends.py \
     tests/test_tree_attention.py tests/test_edge_cases.py tests/test_op_checks.py tests/test_custom_op.py \
-    tests/test_engine_cuda.py 2>&1 | tee "$OUT/tests.txt" || status=1
+    tests/test_engine_cuda.py tests/test_ragged.py tests/test_adapters.py 2>&1 | tee "$OUT/tests.txt" || status=1
 stage 120 "$PY" -m pytest -q -p no:cacheprovider bench/bench_verify.py --benchmark-only -k "not compiled" \
     --benchmark-json="$OUT/verify.json" 2>&1 | tail -5 | tee -a "$LOG" || status=1
 stage 120 "$PY" bench/bench_tree_attention.py --out "$OUT/tree_attention.json" 2>&1 | tee -a "$LOG" || status=1
 stage 180 "$PY" bench/gpu_engine.py --out "$OUT/engine.json" 2>&1 | tee -a "$LOG" || status=1
 stage 60 "$PY" -m pytest -q -p no:cacheprovider bench/bench_verify_tree.py --benchmark-only \
     --benchmark-json="$OUT/verify_tree.json" 2>&1 | tail -5 | tee -a "$LOG" || status=1
+stage 180 "$PY" bench/bench_ragged.py --out "$OUT/ragged.json" --md "$OUT/ragged.md" 2>&1 | tee -a "$LOG" || status=1
 stage 120 "$PY" -m pytest -q -p no:cacheprovider bench/bench_verify.py --benchmark-only -k "compiled and B8 and K4" \
     --benchmark-json="$OUT/verify_compiled.json" 2>&1 | tail -5 | tee -a "$LOG" || status=1
 for name in verify verify_compiled verify_tree; do

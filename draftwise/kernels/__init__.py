@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .backend import BACKENDS, available_backends, get_implementation, resolve_backend
 from .op import op_arguments, tree_attention_op, verify_chain_op, verify_tree_op
+from .ragged import verify_chain_ragged
 from .reference import seeded_uniforms, verify_chain_ref
 from .spec import PAD_TOKEN, ChainInputs, Lenience, Uniforms, VerifyOutput, normalize_inputs
 from .tree import TreeVerifyOutput, verify_tree, verify_tree_ref
@@ -31,6 +32,7 @@ __all__ = [
     "tree_attention_ref",
     "verify_chain",
     "verify_chain_op",
+    "verify_chain_ragged",
     "verify_chain_ref",
     "verify_tree",
     "verify_tree_op",
