@@ -288,14 +288,12 @@ def test_bad_inputs(models):
         runner.extend(torch.ones(2, 1, dtype=torch.long), num_valid=torch.ones(3, dtype=torch.long))
 
 
-def test_rejects_sliding_window_layers():
+def test_rejects_chunked_attention_layers():
+    """Sliding-window layers run (tests/test_engine_sliding.py); chunked ones are refused by name."""
     config = tiny_config("qwen2")
-    config.use_sliding_window = True
-    config.sliding_window = 4
-    config.max_window_layers = 1
-    config.layer_types = ["full_attention", "sliding_attention"]
+    config.layer_types = ["full_attention", "chunked_attention"]
     model = Qwen2ForCausalLM(config).eval()
-    with pytest.raises(ValueError, match="sliding_attention"):
+    with pytest.raises(ValueError, match="chunked_attention"):
         ModelRunner(model, 1, 16)
 
 

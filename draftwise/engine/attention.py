@@ -15,8 +15,15 @@ function is needed).
 :func:`using_tree` switches a model, for one token-tree forward, to the fused tree-attention
 kernel (:func:`draftwise.kernels.tree_attention`): each node attends to its row's committed
 prefix and its ancestors from the cache's lengths and the tree's ancestor words, with no dense
-mask read (the runner uses it on CUDA). Layers with what the kernel does not know (attention
-bias, soft-capping, a sliding window) take the masked path instead.
+mask read (the runner uses it for ``sdpa`` models on CUDA). The kernel knows no sliding window: the runner names its
+sliding layers (``masked_layers``), and those, with any layer that passes a ``sliding_window`` or
+what else the kernel does not know (attention bias, soft-capping, sinks), take SDPA with the
+layer's own 4-D mask, which carries the window.
+
+What reaches the fast path is exact: SDPA with the runner's mask, the layer's own ``scaling``
+(Gemma's ``query_pre_attn_scalar``) and nothing else; a layer that passes soft-capping, a position
+bias or attention sinks goes to transformers' own function (``sdpa`` refuses soft-capping: such
+models, Gemma 2, run with ``eager``).
 """
 
 from __future__ import annotations
@@ -62,7 +69,8 @@ def using(model):
         config._attn_implementation = previous
 
 
-# (prefix_lengths [B], ancestors [B, T], prefix_starts [B], backend) of the tree forward running now
+# (prefix_lengths [B], ancestors [B, T], prefix_starts [B], backend, masked_layers) of the tree
+# forward running now
 _tree = contextvars.ContextVar("draftwise_tree", default=None)
 
 
@@ -71,10 +79,11 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout=0.
     """``query [B, Hq, T, D]`` of the tree's nodes over the cache's ``key`` / ``value [B, Hkv, S, D]``
     (the nodes' own K/V already written at slots ``[L_b, L_b + T)``)."""
     tree = _tree.get()
-    if tree is None or kwargs.get("sliding_window") is not None or any(kwargs.get(n) is not None for n in _UNHANDLED):
+    if (tree is None or getattr(module, "layer_idx", None) in tree[4] or kwargs.get("sliding_window") is not None
+            or any(kwargs.get(n) is not None for n in _UNHANDLED)):
         return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
-    lengths, ancestors, starts, backend = tree
+    lengths, ancestors, starts, backend, _ = tree
     out = tree_attention(query.transpose(1, 2), key, value, lengths, ancestors, scaling, backend,
                          prefix_starts=starts, validate=False)
     return out, None
@@ -85,13 +94,14 @@ AttentionInterface.register(TREE_NAME, tree_attention_forward)
 
 @contextlib.contextmanager
 def using_tree(model, prefix_lengths: torch.Tensor, ancestors: torch.Tensor, prefix_starts: torch.Tensor,
-               backend: str = "triton"):
+               backend: str = "triton", masked_layers: frozenset = frozenset()):
     """Inside, ``model`` runs its attention through the tree-attention kernel for a tree whose
     nodes sit after ``prefix_lengths`` committed slots (from ``prefix_starts``), with ``ancestors``
-    as in :class:`~draftwise.engine.tree.DraftTree`; then it is put back."""
+    as in :class:`~draftwise.engine.tree.DraftTree`; the layers whose ``layer_idx`` is in
+    ``masked_layers`` (sliding-window layers) run SDPA with their mask instead. Then it is put back."""
     config = model.config
     previous = config._attn_implementation
-    token = _tree.set((prefix_lengths, ancestors, prefix_starts, backend))
+    token = _tree.set((prefix_lengths, ancestors, prefix_starts, backend, frozenset(masked_layers)))
     config._attn_implementation = TREE_NAME
     try:
         yield

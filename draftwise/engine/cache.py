@@ -24,6 +24,13 @@ How transformers sees it: ``KVCache`` is a ``transformers.Cache`` whose layers a
 attention mask of width S (transformers returns a 4-D mask unchanged) and explicit ``position_ids``;
 :class:`draftwise.engine.models.ModelRunner` does both.
 
+Sliding-window layers (Gemma 2 and 3, Mistral, Qwen2 with sliding layers) keep every slot too: the
+runner's mask for those layers hides the keys older than the window, so nothing is ever evicted and
+``rollback`` never has to bring back keys that a rejected draft pushed out. The price is memory: a
+sliding layer holds ``capacity`` slots, as a full-attention layer does (a ring buffer of the window
+plus the widest forward would hold fewer on long contexts, at the cost of wrapped indices in every
+verb and mask).
+
 Host syncs: the cache keeps ``max_length``, a host-side upper bound of ``max(lengths)``, and slices
 S and checks the capacity with it alone. It is exact after ``reset``, ``start``, ``rollback``,
 ``select_rows`` and ``advance(int)``. After ``advance(tensor)`` (ragged commits) it grows by the T of
@@ -47,6 +54,7 @@ class KVLayer(CacheLayerMixin):
     """One layer's preallocated buffers; the row lengths live in the owning :class:`KVCache`."""
 
     is_compileable = False
+    # Every layer holds all slots, sliding-window ones included: the window is in the runner's mask.
     is_sliding = False
     # ``crop`` (one length for all rows) would not keep ragged rows right: use ``KVCache.rollback``.
     is_croppable = False

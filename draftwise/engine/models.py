@@ -30,9 +30,21 @@ Token trees slot in without a new cache: a tree forward writes its T nodes at
 tree's ancestor bits in place of the causal block of the mask; ``KVCache.commit_path`` then moves the
 accepted path to consecutive slots and commits it.
 
-Not supported (rejected when the runner is built): sliding-window / chunked / linear-attention
-layers (their masks would need the window in the 4-D mask), and attention implementations other
-than ``sdpa`` and ``eager`` (flash-attention kernels take no arbitrary 4-D mask).
+Sliding-window layers (Mistral, Gemma 2 and 3, Qwen2 with ``use_sliding_window``): the cache keeps
+every layer's full history and a sliding layer's mask also hides the keys that fell out of its window
+(transformers' convention: the query at position p sees keys at positions ``(p - window, p]``; in a
+tree forward, positions by depth). Models with sliding and full layers get the masks keyed by layer
+type (``{"full_attention": m, "sliding_attention": m_w}``, the mapping their forwards take from
+``generate``); a model whose layers are all of one kind gets that kind's mask as a tensor. Which layer
+is which follows transformers' ``create_masks_for_generate``: ``config.layer_types`` where the config
+has it, else every layer is sliding when ``config.sliding_window`` is set. Nothing is evicted, so a
+rolled-back draft never costs a later token its history; the price is memory: a sliding layer's
+cache is as long as a full layer's (see ``docs/engine.md``).
+
+Not supported (rejected when the runner is built, naming the layer type): chunked attention
+(Llama 4), linear attention and any other layer type, bidirectional attention
+(``use_bidirectional_attention``), and attention implementations other than ``sdpa`` and ``eager``
+(flash-attention kernels take no arbitrary 4-D mask).
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ from packaging.version import Version
 from . import attention, compiling, skinny_linear
 from .compiling import COMPILE_MAX_TOKENS
 from .cache import KVCache
+from .distributed import local_kv_heads
 
 __all__ = ["ModelRunner"]
 
@@ -128,26 +141,52 @@ def _cache_geometry(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
-def _check_layer_types(config) -> None:
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+def layer_kinds(config) -> tuple[list[str], int | None]:
+    """(each layer's attention type, the sliding window or None) of a text config; raises
+    ValueError for layers the runner cannot mask (chunked, linear, bidirectional, unknown).
+
+    The layer types are read as transformers' ``create_masks_for_generate`` reads them (the masks
+    the model's forward takes precomputed): ``config.layer_types`` when the config has it, else
+    every layer sliding when ``config.sliding_window`` is set, chunked when
+    ``config.attention_chunk_size`` is, full otherwise."""
+    layers = config.num_hidden_layers
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:
-        windowed = getattr(config, "sliding_window", None) is not None
-        chunked = getattr(config, "attention_chunk_size", None) is not None
-        layer_types = ["sliding_attention" if windowed else "chunked_attention" if chunked else "full_attention"]
-    other = sorted(set(layer_types) - {"full_attention"})
+        if getattr(config, "sliding_window", None) is not None:
+            layer_types = [SLIDING_ATTENTION] * layers
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            layer_types = ["chunked_attention"] * layers
+        else:
+            layer_types = [FULL_ATTENTION] * layers
+    layer_types = list(layer_types)
+    other = sorted(set(layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION})
     if other:
         raise ValueError(
-            f"ModelRunner: only full-attention layers are supported, the model has {other} layers "
-            "(sliding-window, chunked and linear attention need their own masks/caches)"
+            f"ModelRunner: the model has {other} layers; only full-attention and sliding-window layers "
+            "are supported (chunked and linear attention need masks/caches of their own)"
         )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("ModelRunner: the model has bidirectional attention (`use_bidirectional_attention=True`); "
+                         "only causal language models are supported")
+    window = None
+    if SLIDING_ATTENTION in layer_types:
+        window = getattr(config, "sliding_window", None)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"ModelRunner: the model has sliding_attention layers but `config.sliding_window` is "
+                             f"{window!r}, expected a positive int")
+    return layer_types, window
 
 
 class ModelRunner:
     """A causal LM, its preallocated KV cache, and the three calls of a decode loop.
 
     Args:
-        model: a transformers causal LM (``...ForCausalLM``), full-attention layers, ``sdpa`` or
-            ``eager`` attention. Put it in eval mode yourself; forwards run under
+        model: a transformers causal LM (``...ForCausalLM``), full-attention and sliding-window
+            layers, ``sdpa`` or ``eager`` attention. Put it in eval mode yourself; forwards run under
             ``torch.inference_mode()``.
         batch_size: rows allocated in the cache (``prefill`` may use fewer).
         capacity: slots per row: the prompt (padding included) plus every token ever appended,
@@ -177,15 +216,21 @@ class ModelRunner:
                 f"ModelRunner: attention implementation {attn!r} is not supported; load the model with "
                 f"attn_implementation in {_MASKED_ATTENTION}"
             )
-        _check_layer_types(config)
+        layer_types, window = layer_kinds(config)
         layers, kv_heads, head_dim = _cache_geometry(config)
         param = next(model.parameters())
         self.model = model
         self.attn_implementation = attn
+        # Sliding-window layers: the window (None: every layer attends to the whole prefix), the
+        # layers that have it, and whether the forward takes its masks keyed by layer type (models
+        # that mix both kinds) rather than one tensor for all layers.
+        self.window = window
+        self.sliding_layers = frozenset(i for i, kind in enumerate(layer_types) if kind == SLIDING_ATTENTION)
+        self.mask_by_type = 0 < len(self.sliding_layers) < len(layer_types)
         self.cache = KVCache(
             layers,
             batch_size,
-            kv_heads,
+            local_kv_heads(model, kv_heads, cache_argument(model)),  # this process's share under tp_plan
             head_dim,
             capacity,
             dtype=param.dtype,
@@ -200,8 +245,9 @@ class ModelRunner:
         self.linears = linears
         # CPU sdpa with grouped key/value heads: multi-token forwards keep them inside SDPA
         self.gqa_attention = attn == "sdpa" and self.device.type == "cpu" and kv_heads < config.num_attention_heads
-        # token trees on CUDA: the fused tree-attention kernel instead of SDPA with a dense mask
-        self.tree_kernel = tree_attention_backend(self.device)
+        # token trees on CUDA: the fused tree-attention kernel instead of SDPA with a dense mask (an
+        # ``eager`` model keeps its own attention: its layers may do what SDPA does not, soft-capping)
+        self.tree_kernel = tree_attention_backend(self.device) if attn == "sdpa" else None
         switches = self.linears is not None or self.gqa_attention or self.tree_kernel is not None
         self._switch_lock = model_lock(model) if switches else contextlib.nullcontext()
         self.compiled = bool(compile)
@@ -354,16 +400,17 @@ class ModelRunner:
         call = compiling.compiled_call() if compiled else compiling.call_model
         with self._switched(tokens.numel(), steps, compiled), torch.inference_mode():
             slots = cache.write_slots(steps)[:, 0, :, 0]  # [B, T]: the slots the layers write (one index for all)
-            position_ids = (slots - cache.starts[:, None]).clamp_min(0)  # padding queries: position 0
-            mask = self._attention_mask(slots, kv_length)
             tree_kernel = contextlib.nullcontext()
-            if tree is not None:  # positions by depth, and the tree's ancestors instead of the causal pattern
+            if tree is None:
+                position_ids = (slots - cache.starts[:, None]).clamp_min(0)  # padding queries: position 0
+                mask = self._attention_mask(slots, kv_length)
+            else:  # positions by depth, and the tree's ancestors instead of the causal pattern
                 depth, ancestors = tree
                 position_ids = (cache.lengths - cache.starts)[:, None] + depth
-                mask = self._tree_mask(slots, kv_length, ancestors)
-                if self.tree_kernel is not None:
+                mask = self._tree_mask(slots, kv_length, ancestors, depth)
+                if self.tree_kernel is not None:  # sliding layers keep SDPA with their mask
                     tree_kernel = attention.using_tree(self.model, cache.lengths, ancestors, cache.starts,
-                                                       self.tree_kernel)
+                                                       self.tree_kernel, masked_layers=self.sliding_layers)
             if compiled and not tokens.is_inference():
                 tokens = tokens.clone()  # graphs are guarded on it: one kind of tensor whoever calls
             with tree_kernel:
@@ -389,28 +436,51 @@ class ModelRunner:
         with self._switch_lock, routing, gqa:
             yield
 
-    def _attention_mask(self, slots: torch.Tensor, kv_length: int) -> torch.Tensor:
+    def _attention_mask(self, slots: torch.Tensor, kv_length: int):
         """[B, 1, T, S]: query at ``slots[b, t]`` sees s iff ``starts_b <= s <= slots[b, t]``, or
-        ``s == slots[b, t]`` (a padding query sees itself only)."""
+        ``s == slots[b, t]`` (a padding query sees itself only); sliding layers also need
+        ``s > slots[b, t] - window`` (positions and slots differ by ``starts_b`` alone)."""
         s = torch.arange(kv_length, device=self.device)
         query = slots[:, :, None]  # [B, T, 1]
         allowed = (s <= query) & ((s >= self.cache.starts[:, None, None]) | (s == query))
-        allowed = allowed[:, None]
-        if self.attn_implementation == "sdpa":
-            return allowed
-        zeros = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        return zeros.masked_fill(~allowed, torch.finfo(self.dtype).min)
+        window = None if self.window is None else s > query - self.window
+        return self._layer_masks(allowed, window)
 
-    def _tree_mask(self, slots: torch.Tensor, kv_length: int, ancestors: torch.Tensor) -> torch.Tensor:
+    def _tree_mask(self, slots: torch.Tensor, kv_length: int, ancestors: torch.Tensor, depth: torch.Tensor):
         """[B, 1, T, S]: node t sees the row's committed slots, the nodes whose bit is set in
-        ``ancestors[b, t]``, and itself."""
+        ``ancestors[b, t]``, and itself. Sliding layers see only the keys whose position (a
+        committed slot's ``s - starts_b``, a node's ``lengths_b - starts_b + depth``) lies in
+        ``(p - window, p]`` of the node's position p."""
         s = torch.arange(kv_length, device=self.device).view(1, 1, -1)
         lengths = self.cache.lengths.view(-1, 1, 1)
         committed = (s < lengths) & (s >= self.cache.starts.view(-1, 1, 1))
         node = s - lengths  # [B, 1, S]: which tree node a slot holds (when in [0, T))
         in_tree = (node >= 0) & (node < ancestors.shape[1])
         bit = (ancestors.unsqueeze(-1) >> node.clamp(0, 63)) & 1
-        allowed = (committed | (in_tree & (bit != 0)) | (s == slots[:, :, None]))[:, None]
+        allowed = committed | (in_tree & (bit != 0)) | (s == slots[:, :, None])
+        window = None
+        if self.window is not None:
+            # slot-like key positions (slot = starts + position): a node's is lengths + its depth
+            node_depth = depth.gather(1, node[:, 0].clamp(0, depth.shape[1] - 1))[:, None]  # [B, 1, S]
+            key = torch.where(in_tree, lengths + node_depth, s)
+            query = lengths + depth[:, :, None]  # [B, T, 1]
+            window = key > query - self.window
+        return self._layer_masks(allowed, window)
+
+    def _layer_masks(self, allowed: torch.Tensor, window: torch.Tensor | None):
+        """The forward's ``attention_mask`` from the full-attention pattern ``allowed [B, T, S]`` and
+        the sliding layers' window ``[B, T, S]`` (None without sliding layers): one mask for all
+        layers, or the masks keyed by layer type."""
+        if window is None:
+            return self._as_mask(allowed)
+        sliding = self._as_mask(allowed & window)
+        if not self.mask_by_type:
+            return sliding
+        return {FULL_ATTENTION: self._as_mask(allowed), SLIDING_ATTENTION: sliding}
+
+    def _as_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, S]: bool for ``sdpa``, additive float (0 or the dtype's min) for ``eager``."""
+        allowed = allowed[:, None]
         if self.attn_implementation == "sdpa":
             return allowed
         zeros = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
