@@ -30,7 +30,7 @@ COMPAT_VENV ?= $(VENV)/compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_STAMP := $(COMPAT_VENV)/.installed-$(COMPAT_TRANSFORMERS)
 ENGINE_TESTS := $(wildcard tests/test_engine_*.py) tests/test_edge_cases.py tests/test_transformers_compat.py \
-	tests/test_draft_sharing.py
+	tests/test_draft_sharing.py tests/test_distributed.py
 
 $(COMPAT_STAMP):
 	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)

@@ -12,6 +12,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from draftwise.kernels import Lenience, get_implementation, resolve_backend
 
+from .distributed import agreed, tensor_parallel_group
 from .draft_model import check_draft_placement, load_draft
 from .drafters import LookupThenModelDrafter, ModelDrafter, PromptLookupDrafter
 from .models import ModelRunner
@@ -114,6 +115,7 @@ class SpeculativeEngine:
             raise ValueError("drafts: every drafter needs its own name")
         self.backend = resolve_backend(backend, self.device)
         self.runner: ModelRunner | None = None
+        self.group = tensor_parallel_group(target)  # split by transformers over processes: they agree on choices
 
     def _runner(self, batch: int, capacity: int) -> ModelRunner:
         if self.runner is None or self.runner.batch_size != batch or self.runner.cache.capacity < capacity:
@@ -179,7 +181,7 @@ class SpeculativeEngine:
             measure_accept_probs=settings.return_dict_in_generate,
             lenience=options.lenience, record=record, tree_budget=trees, tree_gamma=options.gamma,
             shapes=StepShapes() if trees and options.tree_auto else None,
-            backend=self.backend,
+            backend=self.backend, group=self.group,
         )
         with torch.inference_mode():
             generated = decoder.run(buffer, attention_mask)
@@ -253,8 +255,8 @@ def _resolve(model, kwargs: dict, prompt_width: int, device) -> CallOptions:
     if not 0 <= threshold < 1:
         raise ValueError(f"assistant_confidence_threshold: expected a value in [0, 1), got {threshold}")
     seed = own["seed"]
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if seed is None:  # with a target split over processes, the first process's draw for all
+        seed = agreed(tensor_parallel_group(model), int(torch.randint(0, 2**62, (1,)).item()))
     stop_strings = config.stop_strings or ()
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)

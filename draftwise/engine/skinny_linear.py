@@ -67,8 +67,10 @@ class SkinnyLinears:
     """A model's ``nn.Linear`` layers, routed through the kernel for the duration of a forward."""
 
     def __init__(self, model: nn.Module):
-        # Modules with their own forward already set (wrapped by another library) are left alone.
-        self.linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
+        # Modules with their own forward already set (wrapped by another library) are left alone,
+        # and so are weights that are not plain tensors (a DTensor: split by tensor parallelism).
+        self.linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)
+                        and type(m.weight.data) is torch.Tensor]
         self._routed = [_routed_forward(m) for m in self.linears]
 
     @contextlib.contextmanager

@@ -18,6 +18,7 @@ from draftwise.kernels import PAD_TOKEN, Lenience, resolve_backend
 from draftwise.kernels.spec import ChainInputs, LenienceKind, VerifyOutput
 from draftwise.kernels.tree import tree_implementation
 
+from .distributed import agreed
 from .drafters import Draft
 from .models import ModelRunner
 from .policy import MAX_GAMMA, NO_DRAFT, DraftPolicy, PolicyContext, StepChoice, StepShapes, StepTrace
@@ -100,6 +101,7 @@ class Decoder:
     tree_gamma: int = 4  # with a tree, each drafter's chain length (a draft model's forwards per step)
     shapes: Optional[StepShapes] = None  # with a tree budget: chain or tree each step, from measured rates
     backend: Optional[str] = None  # the verification kernels' backend
+    group: object = None  # the target's process group (tensor parallel): its first process makes the timed choices
 
     def run(self, buffer: TokenBuffer, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         start = time.perf_counter()
@@ -148,9 +150,9 @@ class Decoder:
         self._retire(buffer, values)
 
     def _step(self, buffer: TokenBuffer) -> None:
-        if self.tree_budget and (self.shapes is None or self.shapes.tree_next()):
+        if self.tree_budget and (self.shapes is None or agreed(self.group, self.shapes.tree_next())):
             return self._tree_step(buffer)
-        choice = self.policy.choose()
+        choice = agreed(self.group, self.policy.choose())
         times: list[float] = []
         with self.timer(times):
             draft, draft_seconds = self._draft(buffer, choice)
