@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     target, tokenizer = load_target()
-    spec = DataSpec()
+    spec = DataSpec(teacher_top_k=0)  # the records this study was run with
     data = prepare_data(target, tokenizer, spec, cache_dir=default_cache_dir())
     layers = [int(i) for i in args.layers.split(",")]
     runs = study_runs()

@@ -3,7 +3,8 @@ previous default draft's recipe (the target's answers to 2580 prompts, 1800 step
 evaluated in one run on held-out prompts, greedy and T = 1.
 
     for d in ce fkl rkl jsd tvd; do
-      draftwise distill --output runs/$d --divergence $d --data target --train-prompts 3467 --methods \\
+      draftwise distill --output runs/$d --teacher-top-k 0 --divergence $d --data target \\
+        --train-prompts 3467 --methods \\
         --steps 1800 --lr 1e-3 --eval-every 200 --checkpoint-every 200
     done
     python bench/divergences_at_scale.py --run ce=runs/ce --run fkl=runs/fkl --run rkl=runs/rkl \\
@@ -13,7 +14,7 @@ The paper's standard-SD baseline (cross-entropy on the stdlib code and documenta
 the target's answers; 2900 steps of these shorter pieces take the 1800 steps' training time)
 beside cross-entropy and forward KL on the target's answers, written to another file:
 
-    draftwise distill --output runs/standard-sd --divergence ce --data fixed --corpus-texts 12000 \
+    draftwise distill --output runs/standard-sd --teacher-top-k 0 --divergence ce --data fixed --corpus-texts 12000 \
         --corpus-docs 0.75 --train-prompts 3467 --methods --steps 2900 --lr 1e-3 --eval-every 200
     python bench/divergences_at_scale.py --out bench/results/standard_sd_baseline \
         --run "standard SD: ce on stdlib text=runs/standard-sd" --run "ce on the target's answers=runs/ce" \
@@ -22,11 +23,11 @@ beside cross-entropy and forward KL on the target's answers, written to another 
 The default draft (the same recipe with ``--completions``: also requests to write a documented
 function's body) against the baselines on its draft vocabulary:
 
-    draftwise distill --output runs/fkl-c --divergence fkl --data target --train-prompts 3467 --methods \
-        --completions --steps 1800 --lr 1e-3 --eval-every 200
-    draftwise distill --output runs/ce-c --divergence ce --data target --train-prompts 3467 --methods \
-        --completions --steps 1800 --lr 1e-3 --eval-every 200
-    draftwise distill --output runs/standard-sd-c --divergence ce --data fixed --corpus-texts 12000 \
+    draftwise distill --output runs/fkl-c --teacher-top-k 0 --divergence fkl --data target --train-prompts 3467 \
+        --methods --completions --steps 1800 --lr 1e-3 --eval-every 200
+    draftwise distill --output runs/ce-c --teacher-top-k 0 --divergence ce --data target --train-prompts 3467 \
+        --methods --completions --steps 1800 --lr 1e-3 --eval-every 200
+    draftwise distill --output runs/standard-sd-c --teacher-top-k 0 --divergence ce --data fixed --corpus-texts 12000 \
         --corpus-docs 0.75 --train-prompts 3467 --methods --completions --steps 2900 --lr 1e-3 --eval-every 200
     python bench/divergences_at_scale.py --out bench/results/completion_prompts \
         --run "standard SD: ce on stdlib text=runs/standard-sd-c" --run "ce on the target's answers=runs/ce-c" \

@@ -8,7 +8,7 @@ code; texts no training source reads).
 The prose draft is the shipped draft's recipe on prose prompts (Wikipedia articles and Python
 documentation), at a size that trains in about 40 minutes on a shared 2-core CPU:
 
-    draftwise distill --output ~/.cache/draftwise/pool/prose --divergence fkl --data target \\
+    draftwise distill --output ~/.cache/draftwise/pool/prose --teacher-top-k 0 --divergence fkl --data target \\
       --prompt-source prose --train-prompts 1200 --steps 1000 --lr 1e-3 --eval-every 200 --checkpoint-every 200
 
 Each prompt (chat template applied) is generated alone (batch 1), greedy, γ 4 (constant), 48 new

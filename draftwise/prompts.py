@@ -200,6 +200,14 @@ def read_prompt_file(path: str, argument: str = "--file") -> list:
     return prompts
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    """``text`` as the model reads it: a text in the tokenizer's chat template holds its special
+    tokens already; a text without one gets the tokenizer's own (Gemma's begin-of-text token), as
+    ``tokenizer(text)`` gives them."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+
+
 def prompt_text(tokenizer, prompt) -> str:
     """A request (``chat_text``) or a conversation (a list of messages) in the tokenizer's chat
     template, ready for the answer."""

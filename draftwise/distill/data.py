@@ -23,7 +23,9 @@ from typing import Callable, Sequence
 import torch
 
 from draftwise.engine.models import ModelRunner
-from draftwise.prompts import CODE_REQUESTS, code_request, prompt_text, signature_and_docstring, stdlib_functions
+from draftwise.distill.compact import TopKLogProbs
+from draftwise.prompts import (CODE_REQUESTS, code_request, encode, prompt_text, signature_and_docstring,
+                               stdlib_functions)
 
 DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")  # Debian's python3.11-doc, when installed
 
@@ -112,11 +114,11 @@ def corpus_texts(count: int, seed: int = 0, chars: int = 1200, methods: bool = F
 
 def chat_prompts(tokenizer, requests: Sequence, max_tokens: int = 192) -> list[torch.Tensor]:
     """Each request (or conversation, a list of messages) in the chat template
-    (:func:`~draftwise.prompts.prompt_text`), tokenized (those longer than ``max_tokens`` are
-    dropped)."""
+    (:func:`~draftwise.prompts.prompt_text`), tokenized as the model reads it
+    (:func:`~draftwise.prompts.encode`); those longer than ``max_tokens`` are dropped."""
     prompts = []
     for request in requests:
-        ids = tokenizer(prompt_text(tokenizer, request), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        ids = torch.tensor(encode(tokenizer, prompt_text(tokenizer, request)), dtype=torch.long)
         if len(ids) <= max_tokens:
             prompts.append(ids)
     return prompts
@@ -126,7 +128,7 @@ def corpus_examples(tokenizer, texts: Sequence[str], length: int = 128) -> list[
     """Fixed-corpus examples: each text's first ``length`` tokens, every token after the first predicted."""
     out = []
     for text in texts:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:length]
+        ids = torch.tensor(encode(tokenizer, text)[:length], dtype=torch.long)
         if len(ids) >= 16:
             out.append(Example(ids, 1))
     return out
@@ -162,7 +164,7 @@ def sample_continuations(model, prompts: Sequence[torch.Tensor], max_new_tokens:
                          temperature: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
                          batch_size: int = 16, generator: torch.Generator | None = None,
                          record_ids: torch.Tensor | None = None, record_temperature: float = 1.0,
-                         progress: Callable[[int], None] | None = None):
+                         record_top_k: int = 0, progress: Callable[[int], None] | None = None):
     """``model``'s continuation of each prompt (greedy at temperature 0, else sampled from
     softmax(logits / T)), decoded with a preallocated KV cache: one forward per new token for
     the whole batch. A row ends after its first EOS (kept).
@@ -170,8 +172,14 @@ def sample_continuations(model, prompts: Sequence[torch.Tensor], max_new_tokens:
     With ``record_ids`` it also returns, per example, the model's log-probabilities (at
     ``record_temperature``, normalised over the full vocabulary) of those ids at every generated
     position, fp16 ``[num_predicted, len(record_ids)]``: the teacher's side of target-generated
-    data at no extra forward. Returns ``examples`` or ``(examples, log_probs)``.
+    data at no extra forward. With ``record_top_k`` instead, it records the ``record_top_k`` most
+    likely ids of the full vocabulary and their log-probabilities (a
+    :class:`~draftwise.distill.compact.TopKLogProbs` per example). Returns ``examples`` or
+    ``(examples, records)``.
     """
+    if record_ids is not None and record_top_k:
+        raise ValueError("record_ids and record_top_k: record one or the other")
+    recording = record_ids is not None or record_top_k > 0
     eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).view(-1)
     device = next(model.parameters()).device
     examples, records = [], []
@@ -182,9 +190,9 @@ def sample_continuations(model, prompts: Sequence[torch.Tensor], max_new_tokens:
         logits = runner.prefill(ids.to(device), mask.to(device), last_only=True)[:, -1]
         new, alive, recorded = [], torch.ones(len(chunk), dtype=torch.bool), []
         for _ in range(max_new_tokens):
-            if record_ids is not None:
+            if recording:
                 log_probs = torch.log_softmax(logits.float() / record_temperature, -1)
-                recorded.append(log_probs[:, record_ids.to(logits.device)].half().cpu())
+                recorded.append(_record(log_probs, record_ids, record_top_k))
             if temperature == 0:
                 token = logits.argmax(-1)
             else:
@@ -196,16 +204,32 @@ def sample_continuations(model, prompts: Sequence[torch.Tensor], max_new_tokens:
                 break
             logits = runner.extend(token.view(-1, 1))[:, 0]
         generated = torch.stack(new, 1) if new else torch.empty(len(chunk), 0, dtype=torch.long)
-        recorded = torch.stack(recorded, 1) if recorded else None
         for b, (prompt, row) in enumerate(zip(chunk, generated)):
             row = row[row >= 0]
             if len(row):
                 examples.append(Example(torch.cat([prompt, row]), len(prompt)))
-                if recorded is not None:
-                    records.append(recorded[b, : len(row)].clone())
+                if recording:
+                    records.append(_row_record(recorded, b, len(row)))
         if progress is not None:
             progress(len(chunk))
-    return examples if record_ids is None else (examples, records)
+    return (examples, records) if recording else examples
+
+
+def _record(log_probs: torch.Tensor, record_ids: torch.Tensor | None, top_k: int):
+    """One generated position of every row: fp16 ``[B, len(record_ids)]``, or top-k (ids, values)."""
+    if record_ids is not None:
+        return log_probs[:, record_ids.to(log_probs.device)].half().cpu()
+    values, ids = log_probs.topk(top_k, dim=-1)
+    return ids.to(torch.int32).cpu(), values.half().cpu(), log_probs.shape[-1]
+
+
+def _row_record(recorded: list, row: int, length: int):
+    """Row ``row``'s first ``length`` recorded positions, as one tensor or one TopKLogProbs."""
+    if isinstance(recorded[0], torch.Tensor):
+        return torch.stack([step[row] for step in recorded[:length]])
+    ids = torch.stack([step[0][row] for step in recorded[:length]])
+    values = torch.stack([step[1][row] for step in recorded[:length]])
+    return TopKLogProbs(ids, values, vocab=recorded[0][2])
 
 
 def collate(examples: Sequence[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,9 +254,10 @@ def hidden_at(model, examples: Sequence[Example], device) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_log_probs(target, examples: Sequence[Example], vocab_ids: torch.Tensor | None, *,
-                      temperature: float = 1.0, batch_size: int = 8) -> list[torch.Tensor]:
+                      temperature: float = 1.0, batch_size: int = 8, top_k: int = 0) -> list:
     """The target's log-probabilities (full-vocabulary normalisation, at ``temperature``) of the
-    draft's ids at each predicted position: one ``[num_predicted, V_draft]`` fp16 tensor per example."""
+    draft's ids at each predicted position: one ``[num_predicted, V_draft]`` fp16 tensor per example;
+    with ``top_k``, one :class:`~draftwise.distill.compact.TopKLogProbs` of the full vocabulary instead."""
     device = next(target.parameters()).device
     head = target.get_output_embeddings()
     out = []
@@ -240,6 +265,9 @@ def teacher_log_probs(target, examples: Sequence[Example], vocab_ids: torch.Tens
         chunk = examples[first:first + batch_size]
         logits = head(hidden_at(target, chunk, device)).float() / temperature
         log_probs = torch.log_softmax(logits, -1)
+        if top_k:
+            out += TopKLogProbs.from_log_probs(log_probs, top_k).split([e.num_predicted for e in chunk])
+            continue
         if vocab_ids is not None:
             log_probs = log_probs[:, vocab_ids.to(device)]
         out += list(log_probs.half().cpu().split([e.num_predicted for e in chunk]))

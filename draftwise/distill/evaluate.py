@@ -43,7 +43,8 @@ def evaluate_drafts(target, tokenizer, drafts: dict, prompts: Sequence[str], *, 
     if not prompts:
         raise ValueError("prompts: at least one prompt is needed")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    inputs = [tokenizer(p, return_tensors="pt", add_special_tokens=False) for p in prompts]
+    templated = bool(getattr(tokenizer, "chat_template", None))  # a templated prompt holds its special tokens
+    inputs = [tokenizer(p, return_tensors="pt", add_special_tokens=not templated) for p in prompts]
     engines = {name: draftwise.SpeculativeEngine(target, [d], tokenizer=tokenizer, compile=compile)
                for name, d in drafts.items()}
     rows = []

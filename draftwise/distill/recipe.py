@@ -14,6 +14,7 @@ import torch
 from draftwise.engine.draft_model import build_draft, draft_vocab_ids, load_draft
 from draftwise.prompts import heldout_requests
 
+from .compact import readable_size, record_bytes
 from .data import (Example, chat_prompts, corpus_examples, corpus_texts, frequent_tokens, sample_continuations,
                    teacher_log_probs, training_requests)
 from .prompts import prose_training_requests
@@ -24,6 +25,7 @@ DATA_KINDS = ("fixed", "target", "on-policy")
 PROMPT_SOURCES = ("code", "prose", "mixed")  # what the training requests are about
 DRAFT_LAYERS = (0, 1)  # the target's layers a draft starts from
 ON_POLICY_TOKENS = 48  # tokens the draft samples per on-policy example
+TEACHER_TOP_K = 64  # ``draftwise distill``'s teacher records: the 64 most likely ids per position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,10 @@ class DataSpec:
     tokens count for the vocabulary either way, so both settings share one cache file.
     ``prompt_source``: the training requests (:func:`requests_for`): ``code`` (standard-library
     code and documentation), ``prose`` (Wikipedia articles and documentation) or ``mixed`` (half
-    each)."""
+    each). ``teacher_top_k`` (default 64): 0 records the teacher densely over the draft's vocabulary, chosen
+    before the target answers (from the prompts and the fixed corpus); k > 0 records its k most
+    likely ids of the full vocabulary per position (:mod:`draftwise.distill.compact`, ~1% of the
+    dense size) and chooses the draft's vocabulary from the prompts and the target's answers."""
 
     train_prompts: int = 400
     corpus_texts: int = 300
@@ -50,12 +55,17 @@ class DataSpec:
     completions: bool = False  # also requests to write a documented function's body
     prompt_source: str = "code"
     prompts_file: str | None = None  # your own training prompts instead of prompt_source's (all of them)
+    heldout_file: str | None = None  # your own held-out prompts instead of heldout_source's (up to heldout_prompts)
     seed: int = 0
+    teacher_top_k: int = TEACHER_TOP_K
+    precision: str = "float32"  # the forwards' dtype while the teacher's records are made (autocast)
     reads_fixed_corpus: bool = True
 
     def __post_init__(self):
         if self.prompt_source not in PROMPT_SOURCES:
             raise ValueError(f"prompt_source: expected one of {PROMPT_SOURCES}, got {self.prompt_source!r}")
+        if not isinstance(self.teacher_top_k, int) or self.teacher_top_k < 0:
+            raise ValueError(f"teacher_top_k: expected an int >= 0, got {self.teacher_top_k!r}")
 
     def key(self) -> str:
         fields = dataclasses.asdict(self)
@@ -65,10 +75,15 @@ class DataSpec:
             del fields["completions"]
         if self.prompt_source == "code":
             del fields["prompt_source"]
-        if self.prompts_file is None:
-            del fields["prompts_file"]
-        else:  # the file's content names the data, not its path
-            fields["prompts_file"] = hashlib.sha1(Path(self.prompts_file).read_bytes()).hexdigest()
+        if not self.teacher_top_k:  # dense records: the names data had before compact records existed
+            del fields["teacher_top_k"]
+        if self.precision == "float32":
+            del fields["precision"]
+        for name in ("prompts_file", "heldout_file"):  # a file's content names the data, not its path
+            if fields[name] is None:
+                del fields[name]
+            else:
+                fields[name] = hashlib.sha1(Path(fields[name]).read_bytes()).hexdigest()
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -105,7 +120,18 @@ def prepare_data(target, tokenizer, spec: DataSpec = DataSpec(), cache_dir: str 
         data = dataclasses.replace(data, fixed_teacher=_fixed_corpus_teacher(target, data, spec, progress))
     if path is not None and (cached is None or missing_fixed_teacher):
         _save_data(data, path)
+        if progress:
+            print(f"distillation data: {path} ({readable_size(path.stat().st_size)})")
     return data
+
+
+def teacher_record_bytes(spec: DataSpec, answers: int, fixed_positions: int, vocab: int) -> int:
+    """At most how many bytes the teacher's records of ``answers`` target answers and
+    ``fixed_positions`` fixed-corpus positions take (fp16 dense, or top-k id + fp16 value)."""
+    positions = answers * spec.max_new_tokens + (fixed_positions if spec.reads_fixed_corpus else 0)
+    if spec.teacher_top_k:
+        return record_bytes(positions, spec.teacher_top_k)
+    return positions * 2 * (spec.vocab_size or vocab)
 
 
 def _answers_and_corpus(target, tokenizer, spec: DataSpec, progress: bool) -> PreparedData:
@@ -114,20 +140,30 @@ def _answers_and_corpus(target, tokenizer, spec: DataSpec, progress: bool) -> Pr
 
     vocab = target.get_input_embeddings().weight.shape[0]
     prompts = chat_prompts(tokenizer, requests_for(spec), spec.max_prompt_tokens)
-    heldout_prompts = chat_prompts(tokenizer, heldout_requests(spec.heldout_source, spec.heldout_prompts, spec.seed),
-                                   spec.max_prompt_tokens)
+    heldout_prompts = chat_prompts(tokenizer, heldout_requests_for(spec), spec.max_prompt_tokens)
     fixed = corpus_examples(tokenizer, corpus_texts(spec.corpus_texts, spec.seed), spec.corpus_length)
+    if progress:
+        size = teacher_record_bytes(spec, len(prompts) + len(heldout_prompts), sum(e.num_predicted for e in fixed),
+                                    vocab)
+        print(f"distillation data: the teacher's records will take at most {readable_size(size)} "
+              f"({f'top-{spec.teacher_top_k} of {vocab} ids' if spec.teacher_top_k else 'dense, fp16'} per position)")
+    prompt_examples = [Example(p, 1) for p in prompts]
     vocab_ids = None
-    if spec.vocab_size:
-        prompt_examples = [Example(p, 1) for p in prompts]
+    if spec.vocab_size and not spec.teacher_top_k:
         vocab_ids = frequent_tokens([*fixed, *prompt_examples], spec.vocab_size, vocab, _special_ids(tokenizer))
     with tqdm(total=len(prompts) + len(heldout_prompts), desc="preparing distillation data: the target's answers",
               unit="seq", disable=not progress) as bar:
-        recorded = vocab_ids if vocab_ids is not None else torch.arange(vocab)
-        common = dict(temperature=0.0, eos_token_id=tokenizer.eos_token_id, record_ids=recorded,
-                      record_temperature=spec.teacher_temperature, progress=bar.update)
+        common = dict(temperature=0.0, eos_token_id=tokenizer.eos_token_id, record_temperature=spec.teacher_temperature,
+                      progress=bar.update)
+        if spec.teacher_top_k:
+            common["record_top_k"] = spec.teacher_top_k
+        else:
+            common["record_ids"] = vocab_ids if vocab_ids is not None else torch.arange(vocab)
         answers, answers_teacher = sample_continuations(target, prompts, spec.max_new_tokens, **common)
         heldout, heldout_teacher = sample_continuations(target, heldout_prompts, spec.max_new_tokens, **common)
+    if spec.vocab_size and spec.teacher_top_k:  # the answers' own tokens count too (never the held-out ones)
+        answer_tokens = [Example(a.tokens[a.start:], 0) for a in answers]
+        vocab_ids = frequent_tokens([*prompt_examples, *answer_tokens], spec.vocab_size, vocab, _special_ids(tokenizer))
     return PreparedData(vocab_ids, prompts, fixed, None, answers, answers_teacher, heldout, heldout_teacher,
                         heldout_prompts)
 
@@ -156,6 +192,16 @@ def requests_for(spec: DataSpec) -> list:
     return requests
 
 
+def heldout_requests_for(spec: DataSpec) -> list:
+    """The held-out requests: the first ``spec.heldout_prompts`` of ``spec.heldout_file`` when
+    there is one, else of ``spec.heldout_source``."""
+    if spec.heldout_file is not None:
+        from draftwise.prompts import read_prompt_file
+
+        return read_prompt_file(spec.heldout_file, "--heldout-prompts")[:spec.heldout_prompts]
+    return heldout_requests(spec.heldout_source, spec.heldout_prompts, spec.seed)
+
+
 def _fixed_corpus_teacher(target, data: PreparedData, spec: DataSpec, progress: bool) -> list[torch.Tensor]:
     from tqdm.auto import tqdm
 
@@ -164,7 +210,8 @@ def _fixed_corpus_teacher(target, data: PreparedData, spec: DataSpec, progress: 
               disable=not progress) as bar:
         for first in range(0, len(data.fixed), 8):
             chunk = data.fixed[first:first + 8]
-            teacher += teacher_log_probs(target, chunk, data.vocab_ids, temperature=spec.teacher_temperature)
+            teacher += teacher_log_probs(target, chunk, data.vocab_ids, temperature=spec.teacher_temperature,
+                                         top_k=spec.teacher_top_k)
             bar.update(len(chunk))
     return teacher
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from draftwise.engine.draft_model import draft_vocab_ids, save_draft, subset_logits
 
+from .compact import dense_teacher
 from .data import hidden_at
 from .losses import DIVERGENCES, acceptance_rate, cross_entropy, divergence
 from .sources import Item
@@ -95,7 +96,7 @@ class DistillTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
         self.step, self.history, self.seconds = 0, [], 0.0
-        ids = draft_vocab_ids(draft)
+        ids = self.vocab_ids = draft_vocab_ids(draft)
         width = draft.get_input_embeddings().weight.shape[0]
         # full id -> index in the draft's vocabulary (-1 outside it), for cross-entropy labels
         self.to_draft_index = torch.arange(width, device=self.device)
@@ -113,12 +114,16 @@ class DistillTrainer:
         tokens = torch.cat([i.example.tokens[i.example.start:] for i in items]).to(self.device)
         return self.to_draft_index[tokens]
 
+    def _teacher(self, items: Sequence[Item]) -> torch.Tensor:
+        """The items' teacher log-probabilities over the draft's vocabulary, float32 ``[N, V_draft]``."""
+        return torch.cat([dense_teacher(i.teacher, self.vocab_ids) for i in items]).to(self.device, torch.float32)
+
     def loss(self, items: Sequence[Item]) -> torch.Tensor:
         logits = self._logits(items)
         c = self.config
         if not c.needs_teacher:
             return cross_entropy(logits, self._labels(items))
-        teacher = torch.cat([i.teacher for i in items]).to(self.device, torch.float32)
+        teacher = self._teacher(items)
         return divergence(logits, teacher, c.objective, beta=c.beta, temperature=c.temperature)
 
     @torch.no_grad()
@@ -135,7 +140,7 @@ class DistillTrainer:
         for first in range(0, len(self.heldout), self.config.batch_size):
             items = self.heldout[first:first + self.config.batch_size]
             logits = self._logits(items)
-            teacher = torch.cat([i.teacher for i in items]).to(self.device, torch.float32)
+            teacher = self._teacher(items)
             n = len(logits)
             t = self.config.temperature
             totals["divergence"] += n * float(divergence(logits, teacher, kind, beta=self.config.beta, temperature=t))
