@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_distill_data import SPEC, VOCAB, _Tokenizer
-from test_distill_data import teacher_calls as _teacher_calls  # noqa: F401 (the fixture, by its own name)
+from test_distill_data import SPEC, VOCAB, _Tokenizer, stub_the_recipe
 from tiny_models import tiny_model
 
 from draftwise.distill.compact import TopKLogProbs, dense_teacher, readable_size, record_bytes
@@ -19,6 +18,11 @@ from draftwise.distill.trainer import DistillConfig
 def _log_probs(n=5, vocab=50, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.log_softmax(3 * torch.randn(n, vocab, generator=g), -1)
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    return stub_the_recipe(monkeypatch)
 
 
 def test_the_kept_ids_are_exact_and_the_rest_holds_the_missing_mass_evenly():
@@ -108,5 +112,6 @@ def test_the_corpus_records_are_compact_too(teacher_calls, tmp_path):
     target = tiny_model("llama", vocab=VOCAB, seed=1)
     data = prepare_data(target, _Tokenizer(), dataclasses.replace(SPEC, teacher_top_k=5), cache_dir=tmp_path,
                         progress=False)
-    assert teacher_calls == [5] and all(isinstance(t, TopKLogProbs) and t.ids.shape[1] == 5 for t in data.fixed_teacher)
+    assert teacher_calls == [5]
+    assert all(isinstance(t, TopKLogProbs) and t.ids.shape[1] == 5 for t in data.fixed_teacher)
     assert [len(t) for t in data.fixed_teacher] == [e.num_predicted for e in data.fixed]

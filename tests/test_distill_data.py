@@ -31,6 +31,12 @@ class _Tokenizer:
 @pytest.fixture
 def teacher_calls(monkeypatch):
     """Stubbed text and tokenization; returns the sizes of the fixed-corpus teacher passes."""
+    return stub_the_recipe(monkeypatch)
+
+
+def stub_the_recipe(monkeypatch) -> list:
+    """Stub the recipe's text and tokenization; the returned list gets the size of every
+    fixed-corpus teacher pass."""
     monkeypatch.setattr(recipe, "training_requests", lambda count, *args: ["request"] * count)
     monkeypatch.setattr(recipe, "heldout_requests", lambda source, count, seed: ["held-out"] * count)
     monkeypatch.setattr(recipe, "chat_prompts", lambda tokenizer, requests, max_tokens: _token_rows(len(requests), 0))
