@@ -32,11 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
+
+from bench_tree_attention import summary, time_interleaved  # the same timing as the tree-attention bench
 
 from draftwise.kernels import available_backends, verify_chain, verify_chain_ragged
 from draftwise.kernels.ragged import pad_ragged
@@ -104,23 +104,6 @@ def allocated_bytes(fn, device) -> int:
     return sum(event.self_cpu_memory_usage for event in prof.events() if event.self_cpu_memory_usage > 0)
 
 
-def time_interleaved(functions: dict, device, reps: int, warmup: int = 1) -> dict:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in functions.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times = {name: [] for name in functions}
-    for _ in range(reps):
-        for name, fn in functions.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: _summary(values) for name, values in times.items()}
-
-
 def time_graphs(functions: dict, reps: int) -> dict:
     """ms per call replayed from a CUDA graph (each replay checked against an eager call first)."""
     found = {}
@@ -144,14 +127,8 @@ def time_graphs(functions: dict, reps: int) -> dict:
             end.record()
             end.synchronize()
             values.append(start.elapsed_time(end))
-        found[name] = _summary(values)
+        found[name] = summary(values, "ms")
     return found
-
-
-def _summary(values: list) -> dict:
-    values = sorted(values)
-    pick = lambda f: values[min(len(values) - 1, int(f * len(values)))]  # noqa: E731
-    return {"median_ms": statistics.median(values), "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
 
 
 def run(batch: int, backend: str, device, reps: int) -> dict:
@@ -159,7 +136,7 @@ def run(batch: int, backend: str, device, reps: int) -> dict:
     functions = providers(inputs, backend)
     tokens = {name: fn().long().cpu() for name, fn in functions.items()}
     assert all(torch.equal(t, tokens["padded"]) for t in tokens.values()), "ragged and padded tokens differ"
-    timings = time_interleaved(functions, device, reps)
+    timings = time_interleaved(functions, device, reps, warmup=1, unit="ms")
     result = {name: {"eager": timings[name], "allocated_bytes": allocated_bytes(fn, device)}
               for name, fn in functions.items()}
     if device.type == "cuda" and backend == "triton":  # the torch path reads on the host: no graph

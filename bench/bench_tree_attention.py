@@ -106,11 +106,14 @@ def time_graphs(copies, reps):
             end.record()
             end.synchronize()
             times[name].append(start.elapsed_time(end) * 1e3 / len(copies))
-    return {name: _summary(values) for name, values in times.items()}
+    return {name: summary(values) for name, values in times.items()}
 
 
-def time_interleaved(functions, device, reps, warmup=3):
-    """Median and p20/p80 µs per provider, the providers interleaved run by run."""
+UNITS = {"us": 1e6, "ms": 1e3}
+
+
+def time_interleaved(functions, device, reps, warmup=3, unit="us"):
+    """Median and p20/p80 per provider in ``unit`` (``us`` or ``ms``), the providers interleaved run by run."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in functions.values():
         for _ in range(warmup):
@@ -123,14 +126,14 @@ def time_interleaved(functions, device, reps, warmup=3):
             start = time.perf_counter()
             fn()
             sync()
-            times[name].append((time.perf_counter() - start) * 1e6)
-    return {name: _summary(values) for name, values in times.items()}
+            times[name].append((time.perf_counter() - start) * UNITS[unit])
+    return {name: summary(values, unit) for name, values in times.items()}
 
 
-def _summary(values):
+def summary(values, unit="us"):
     values = sorted(values)
     pick = lambda f: values[min(len(values) - 1, int(f * len(values)))]  # noqa: E731
-    return {"median_us": statistics.median(values), "p20_us": pick(0.2), "p80_us": pick(0.8)}
+    return {f"median_{unit}": statistics.median(values), f"p20_{unit}": pick(0.2), f"p80_{unit}": pick(0.8)}
 
 
 def moved_bytes(batch, nodes, prefix, heads, dtype) -> int:

@@ -22,11 +22,16 @@ BACKENDS = [  # every chain backend, skipped where it cannot run
 
 
 def on(device: str, value):
-    """Tensors and :class:`Uniforms` moved to ``device``; other values as they are."""
+    """Tensors and :class:`Uniforms` moved to ``device``, also inside tuples and dicts; other values
+    as they are."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, Uniforms):
         return Uniforms(*(u.to(device) for u in value))
+    if isinstance(value, dict):
+        return {name: on(device, item) for name, item in value.items()}
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):  # a plain tuple, not a named one
+        return tuple(on(device, item) for item in value)
     return value
 
 REGIMES = ("random", "equal", "disjoint", "onehot", "peaked")

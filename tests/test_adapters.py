@@ -24,15 +24,6 @@ from draftwise.kernels.reference import philox_uniform
 from cases import BACKENDS, device_of, make_case, on
 
 
-def on_all(device: str, value):
-    """:func:`cases.on` through tuples and dicts."""
-    if isinstance(value, dict):
-        return {name: on_all(device, item) for name, item in value.items()}
-    if isinstance(value, tuple):
-        return tuple(on_all(device, item) for item in value)
-    return on(device, value)
-
-
 # --------------------------------------------------------------------------------------------
 # FlashInfer
 
@@ -60,7 +51,7 @@ def _flashinfer_case(batch=5, k=3, vocab=29, seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flashinfer_equals_verify_chain(backend):
     device = device_of(backend)
-    draft_probs, tokens, target_probs = on_all(device, _flashinfer_case())
+    draft_probs, tokens, target_probs = on(device, _flashinfer_case())
     seed = torch.tensor([3, -4, 5, 2**40, 7], device=device)
     offset = torch.tensor([0, 1, 2, 3, 4], device=device)
     accepted_into = torch.full((5,), 10, dtype=torch.int32, device=device)
@@ -191,9 +182,9 @@ def test_vllm_greedy_follows_vllms_rule(backend):
     metadata.draft_token_ids[2:4] = target_logits[2:4].argmax(-1).int()  # request 2 passes its first two
     metadata.draft_token_ids[5] = target_logits[5].argmax(-1).int()  # request 3 passes its only draft
     want = vllm_greedy_rule(metadata, target_logits, bonus.view(-1))
-    metadata = SpecDecodeMetadata(*on_all(device, (metadata.draft_token_ids, metadata.num_draft_tokens,
+    metadata = SpecDecodeMetadata(*on(device, (metadata.draft_token_ids, metadata.num_draft_tokens,
                                                    metadata.cu_num_draft_tokens)))
-    got = vllm_rejection_sampler(metadata, *on_all(device, (draft_probs, target_logits, bonus)),
+    got = vllm_rejection_sampler(metadata, *on(device, (draft_probs, target_logits, bonus)),
                                  _sampling(all_greedy=True), backend=backend)
     assert got.cpu().tolist() == want
 

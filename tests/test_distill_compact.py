@@ -9,7 +9,7 @@ import torch
 from test_distill_data import SPEC, VOCAB, _Tokenizer, stub_the_recipe
 from tiny_models import tiny_model
 
-from draftwise.distill.compact import TopKLogProbs, dense_teacher, readable_size, record_bytes
+from draftwise.distill.compact import TopKLogProbs, column_index, dense_teacher, readable_size, record_bytes
 from draftwise.distill.data import sample_continuations, teacher_log_probs
 from draftwise.distill.recipe import DataSpec, distill, prepare_data
 from draftwise.distill.trainer import DistillConfig
@@ -44,6 +44,7 @@ def test_a_reduced_vocabulary_takes_its_columns_of_the_full_record():
     ids = torch.tensor([0, 3, 7, 20, 41, 63])
     assert torch.equal(record.dense(ids), record.dense()[:, ids])
     assert torch.equal(dense_teacher(record, ids), record.dense(ids))
+    assert torch.equal(dense_teacher(record, ids, column_index(ids, 64)), record.dense(ids))  # a kept index
     dense = torch.randn(3, 6).half()
     assert torch.equal(dense_teacher(dense, ids), dense.float())  # a dense record as it is
 

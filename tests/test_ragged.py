@@ -20,15 +20,6 @@ from draftwise.kernels.ragged import check_counts, pad_ragged, ragged_cpp, ragge
 from cases import BACKENDS, device_of, on
 from oracles import ALPHA, chi_square
 
-def on_all(device: str, value):
-    """:func:`cases.on` through tuples and dicts."""
-    if isinstance(value, dict):
-        return {name: on_all(device, item) for name, item in value.items()}
-    if isinstance(value, tuple):
-        return tuple(on_all(device, item) for item in value)
-    return on(device, value)
-
-
 SEEDS = torch.tensor([5, -7, 2**40 + 3, 11, -(2**62), 13, 17, 19], dtype=torch.int64)
 
 
@@ -90,10 +81,10 @@ def test_matches_padded(backend, mode):
     tokens, cu, logits, probs = ragged_case(counts, 37, seed=len(mode), **case_options)
     k = max_draft_len or max(counts)
     seeds = SEEDS[: len(counts)]
-    options = {name: on_all(device, value) for name, value in options.items()}
-    want = verify_chain(*on_all(device, padded(tokens, cu, logits, probs, k)), seed=seeds.to(device),
+    options = {name: on(device, value) for name, value in options.items()}
+    want = verify_chain(*on(device, padded(tokens, cu, logits, probs, k)), seed=seeds.to(device),
                         backend=backend, **options)
-    got = verify_chain_ragged(*on_all(device, (tokens, cu, logits, probs)), max_draft_len=max_draft_len,
+    got = verify_chain_ragged(*on(device, (tokens, cu, logits, probs)), max_draft_len=max_draft_len,
                               seed=seeds.to(device), backend=backend, **options)
     assert got.output_tokens.dtype == got.num_accepted.dtype == tokens.dtype
     assert torch.equal(got.output_tokens.long().cpu(), want.output_tokens.cpu()), (got, want)
@@ -112,9 +103,9 @@ def test_given_bonus_ids(backend):
                               enumerate(zip((cu - torch.tensor(counts)).tolist(), counts))])
     bonus = torch.tensor([[101], [102], [103], [104], [105]])
     options = dict(temperature=rows(1.0, 0.0, 2.0, batch=5), seed=SEEDS[:5].to(device), backend=backend)
-    want = verify_chain(*on_all(device, padded(tokens, cu, logits, probs, 3)), **on_all(device, options))
-    got = verify_chain_ragged(*on_all(device, (tokens, cu, logits[drafted_rows], probs)),
-                              bonus_token_ids=on_all(device, bonus), **on_all(device, options))
+    want = verify_chain(*on(device, padded(tokens, cu, logits, probs, 3)), **on(device, options))
+    got = verify_chain_ragged(*on(device, (tokens, cu, logits[drafted_rows], probs)),
+                              bonus_token_ids=on(device, bonus), **on(device, options))
     expected = want.output_tokens.cpu().clone()
     all_passed = want.num_accepted.cpu() == torch.tensor(counts)
     expected[all_passed, torch.tensor(counts)[all_passed]] = bonus.view(-1)[all_passed]
@@ -130,15 +121,15 @@ def test_requests_without_drafts(backend):
     device = device_of(backend)
     tokens, cu, logits, _ = ragged_case([0, 0, 0], 19, seed=5)
     options = dict(temperature=rows(1.0, 0.0, batch=3), seed=SEEDS[:3], backend=backend)
-    want = verify_chain(*on_all(device, padded(tokens, cu, logits, None, 2)), **on_all(device, options))
-    got = verify_chain_ragged(*on_all(device, (tokens, cu, logits)), max_draft_len=2, **on_all(device, options))
+    want = verify_chain(*on(device, padded(tokens, cu, logits, None, 2)), **on(device, options))
+    got = verify_chain_ragged(*on(device, (tokens, cu, logits)), max_draft_len=2, **on(device, options))
     assert torch.equal(got.output_tokens.cpu(), want.output_tokens)
     bonus = torch.tensor([7, 8, 9])
-    got = verify_chain_ragged(*on_all(device, (tokens, cu, logits[:0])), bonus_token_ids=on_all(device, bonus),
-                              **on_all(device, options))
+    got = verify_chain_ragged(*on(device, (tokens, cu, logits[:0])), bonus_token_ids=on(device, bonus),
+                              **on(device, options))
     assert got.output_tokens.cpu().tolist() == [[7], [8], [9]]
     empty = torch.zeros(0, dtype=torch.int64)
-    got = verify_chain_ragged(*on_all(device, (empty, empty, logits[:0])), max_draft_len=2,
+    got = verify_chain_ragged(*on(device, (empty, empty, logits[:0])), max_draft_len=2,
                               seed=SEEDS[:0].to(device), backend=backend)
     assert got.output_tokens.shape == (0, 3) and got.num_accepted.shape == (0,)
 
@@ -176,9 +167,9 @@ def test_no_host_reads_when_shapes_and_options_are_given(monkeypatch):
     device = device_of("triton")
     if "triton" not in available_backends(device):
         pytest.skip("the triton backend is not available here")
-    case = on_all(device, ragged_case([2, 0, 3], 29, seed=2))
+    case = on(device, ragged_case([2, 0, 3], 29, seed=2))
     options = dict(max_draft_len=3, filtered=False, seed=SEEDS[:3].to(device),
-                   temperature=on_all(device, rows(1.0, 0.0, batch=3)), backend="triton")
+                   temperature=on(device, rows(1.0, 0.0, batch=3)), backend="triton")
     want = verify_chain_ragged(*case, **options)
 
     def no_host_read(*_args, **_kwargs):
@@ -194,7 +185,7 @@ def test_no_host_reads_when_shapes_and_options_are_given(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_graph_capture():
     """The Triton path captured in a CUDA graph: a replay gives the eager tokens, for new seeds too."""
-    tokens, cu, logits, probs = on_all("cuda", ragged_case(COUNTS, 1000, seed=4))
+    tokens, cu, logits, probs = on("cuda", ragged_case(COUNTS, 1000, seed=4))
     seeds = SEEDS[:7].cuda()
     options = dict(max_draft_len=3, filtered=False, temperature=torch.full((7,), 0.9, device="cuda"),
                    backend="triton")
@@ -327,7 +318,7 @@ def test_bad_input_names_the_argument(overrides, error, name):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_row_values_are_checked_on_every_backend(backend):
     device = device_of(backend)
-    tokens, cu, logits, probs = on_all(device, ragged_case([2, 0, 1], 10, seed=1))
+    tokens, cu, logits, probs = on(device, ragged_case([2, 0, 1], 10, seed=1))
     with pytest.raises(ValueError, match="top_p"):
-        verify_chain_ragged(tokens, cu, logits, probs, top_p=on_all(device, torch.tensor([0.5, 0.0, 1.0])),
+        verify_chain_ragged(tokens, cu, logits, probs, top_p=on(device, torch.tensor([0.5, 0.0, 1.0])),
                             backend=backend)

@@ -47,28 +47,35 @@ class TopKLogProbs:
     def split(self, sizes: list[int]) -> list["TopKLogProbs"]:
         return [TopKLogProbs(i, v, self.vocab) for i, v in zip(self.ids.split(sizes), self.values.split(sizes))]
 
-    def dense(self, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def dense(self, vocab_ids: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 log-probabilities ``[n, len(vocab_ids)]`` (or ``[n, vocab]``): exact for the kept
         ids, ``log((1 − Σ kept) / (V − k))`` for every other id (−inf when the kept ids hold all the
-        mass). Sub-normalised over a reduced vocabulary, as the losses expect."""
+        mass). Sub-normalised over a reduced vocabulary, as the losses expect. ``index``: the
+        :func:`column_index` of ``vocab_ids``, when the caller keeps it across records."""
         values = self.values.float()
         n, k = values.shape
         rest = (1.0 - values.exp().sum(-1)).clamp_min(0.0) / max(self.vocab - k, 1)
         width = self.vocab if vocab_ids is None else len(vocab_ids)
         columns = self.ids.long()
-        if vocab_ids is not None:  # full id -> column of the draft vocabulary; ``width`` = not in it
-            index = torch.full((self.vocab,), width, dtype=torch.long)
-            index[vocab_ids.cpu()] = torch.arange(width)
-            columns = index[columns]
+        if vocab_ids is not None:
+            columns = (column_index(vocab_ids, self.vocab) if index is None else index)[columns]
         out = rest.log().unsqueeze(1).expand(n, width + 1).clone()
         out.scatter_(1, columns, values)
         return out[:, :width]
 
 
-def dense_teacher(teacher, vocab_ids: torch.Tensor | None) -> torch.Tensor:
-    """A teacher record as a dense float32 tensor over the draft's vocabulary (a dense record as is)."""
+def column_index(vocab_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Full id -> its column in the draft vocabulary ``vocab_ids``; ``len(vocab_ids)`` for ids outside it."""
+    index = torch.full((vocab,), len(vocab_ids), dtype=torch.long)
+    index[vocab_ids.cpu()] = torch.arange(len(vocab_ids))
+    return index
+
+
+def dense_teacher(teacher, vocab_ids: torch.Tensor | None, index: torch.Tensor | None = None) -> torch.Tensor:
+    """A teacher record as a dense float32 tensor over the draft's vocabulary (a dense record as is);
+    ``index`` as for :meth:`TopKLogProbs.dense`."""
     if isinstance(teacher, TopKLogProbs):
-        return teacher.dense(vocab_ids)
+        return teacher.dense(vocab_ids, index)
     return teacher.float()
 
 

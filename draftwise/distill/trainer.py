@@ -15,7 +15,7 @@ from torch import nn
 
 from draftwise.engine.draft_model import draft_vocab_ids, save_draft, subset_logits
 
-from .compact import dense_teacher
+from .compact import TopKLogProbs, column_index, dense_teacher
 from .data import hidden_at
 from .losses import DIVERGENCES, acceptance_rate, cross_entropy, divergence
 from .sources import Item
@@ -97,6 +97,7 @@ class DistillTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
         self.step, self.history, self.seconds = 0, [], 0.0
         ids = self.vocab_ids = draft_vocab_ids(draft)
+        self._columns = None  # full id -> draft column, for compact teacher records (built on first use)
         width = draft.get_input_embeddings().weight.shape[0]
         # full id -> index in the draft's vocabulary (-1 outside it), for cross-entropy labels
         self.to_draft_index = torch.arange(width, device=self.device)
@@ -116,7 +117,11 @@ class DistillTrainer:
 
     def _teacher(self, items: Sequence[Item]) -> torch.Tensor:
         """The items' teacher log-probabilities over the draft's vocabulary, float32 ``[N, V_draft]``."""
-        return torch.cat([dense_teacher(i.teacher, self.vocab_ids) for i in items]).to(self.device, torch.float32)
+        compact = next((i.teacher for i in items if isinstance(i.teacher, TopKLogProbs)), None)
+        if compact is not None and self.vocab_ids is not None and self._columns is None:  # once per run
+            self._columns = column_index(self.vocab_ids, compact.vocab)
+        return torch.cat([dense_teacher(i.teacher, self.vocab_ids, self._columns) for i in items]).to(
+            self.device, torch.float32)
 
     def loss(self, items: Sequence[Item]) -> torch.Tensor:
         logits = self._logits(items)
