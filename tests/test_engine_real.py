@@ -56,16 +56,17 @@ def test_the_default_pool_and_its_selector_give_smollm2_output(pair):
     """``load_pool()``'s drafts and shipped selector: per-row choice over a left-padded batch of
     different kinds of text gives the target's own greedy output, offline and online."""
     from draftwise.defaults import POOL_SELECTOR, load_pool
-    from draftwise.engine.selector import OfflinePolicy, OnlinePolicy, Selector
+    from draftwise.engine.selector import OfflinePolicy, OnlinePolicy, Selector, resolve_selector
 
     target, tokenizer, drafts, selector = load_pool()
     tokenizer.padding_side = "left"
-    assert isinstance(selector, OnlinePolicy) and selector.selector is not None
+    assert isinstance(selector, OfflinePolicy) and selector.free_drafters
     assert [d.name for d in drafts] == Selector.load(POOL_SELECTOR).drafters
+    assert isinstance(resolve_selector(None, drafts, target), OfflinePolicy)  # the shipped selector matches
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     want = target.generate(**inputs, **kwargs)
-    for policy in (selector, OfflinePolicy(Selector.load(POOL_SELECTOR)), None):
+    for policy in (selector, OnlinePolicy(Selector.load(POOL_SELECTOR)), None):
         got = draftwise.generate(target, **inputs, drafts=drafts, selector=policy, **kwargs)
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="selector: trained for the drafts"):

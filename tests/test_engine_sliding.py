@@ -318,3 +318,23 @@ def test_real_gemma3_greedy_equals_its_generate():
     want = model.generate(**inputs, do_sample=False, max_new_tokens=48)
     for kwargs in (dict(), dict(prompt_lookup_num_tokens=4)):
         assert torch.equal(draftwise.generate(model, **inputs, do_sample=False, max_new_tokens=48, **kwargs), want)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(GEMMA3, "model.safetensors")),
+                    reason="no prepared Gemma 3: set DRAFTWISE_GEMMA3 or prepare gemma-3-270m")
+def test_real_gemma3_with_its_shipped_draft_past_the_window_equals_its_generate():
+    """The draft shipped for Gemma-3-270M, on a prompt longer than the 512-token window."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from draftwise.defaults import default_draft
+
+    tokenizer = AutoTokenizer.from_pretrained(GEMMA3)
+    model = AutoModelForCausalLM.from_pretrained(GEMMA3, dtype=torch.float32, attn_implementation="sdpa").eval()
+    draft = default_draft(model, "gemma-3-270m")
+    colours = ["red", "green", "blue"]
+    text = " ".join(f"Item {i}: the {colours[i % 3]} box holds {i * 7 % 11} stones." for i in range(60))
+    inputs = tokenizer(text + " Item 60:", return_tensors="pt")
+    assert inputs["input_ids"].shape[1] > model.config.sliding_window
+    want = model.generate(**inputs, do_sample=False, max_new_tokens=32)
+    got = draftwise.generate(model, **inputs, assistant_model=draft, do_sample=False, max_new_tokens=32)
+    assert torch.equal(got, want)

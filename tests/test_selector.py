@@ -94,7 +94,30 @@ def test_offline_policy_gives_the_target_greedy_output(models, batch, feature):
     assert torch.equal(out.sequences, _hf(target, ids, mask, 24))
     for step in out.spec_stats.trace:
         for row, arm in zip(step.rows, step.drafter):
-            assert arm in (policy.chosen[row], NO_DRAFT), "a row drafts only with its chosen arm"
+            assert arm in (policy.chosen[row], NO_DRAFT, 1), "a row drafts with its chosen arm or prompt lookup"
+
+
+def test_offline_policy_moves_a_row_to_prompt_lookup_on_its_scores_only(models):
+    """A row chosen for a drafter that is mostly refused moves to prompt lookup, scored every step
+    at no forward's cost, on this self-repeating output; the other draft model is never read
+    (only the chosen arm and the free drafters are scored). Without free drafters the row keeps
+    its arm."""
+    target, draft = models
+    ids, mask = left_padded_prompts(1)
+    pool = _pool(target, draft)
+    arms = [d.name for d in pool] + [NO_DRAFT_ARM]
+    reads = []
+    pool[2].score = lambda buffer: reads.append(buffer)  # an idle draft model's catch-up read
+    for free in (True, False):
+        policy = OfflinePolicy(_forced_selector(arms, 0), free_drafters=free, schedule="constant", initial=3)
+        out = draftwise.generate(target, ids, mask, drafts=pool, selector=policy, max_new_tokens=40, **COMMON)
+        assert torch.equal(out.sequences, _hf(target, ids, mask, 40))
+        used = [step.drafter[0] for step in out.spec_stats.trace]
+        assert 2 not in used and not reads, used
+        if free:
+            assert used[0] == 0 and used[-1] == 1, used
+        else:
+            assert set(used) == {0}, used
 
 
 @pytest.mark.parametrize("arm", [0, 1, 2, NO_DRAFT])
@@ -104,8 +127,8 @@ def test_a_selector_that_always_picks_arm_k_equals_that_arm_alone(models, arm):
     pool = _pool(target, draft)
     arms = [d.name for d in pool] + [NO_DRAFT_ARM]
     fixed = dict(num_assistant_tokens=3, max_new_tokens=20, **COMMON)
-    policy = OfflinePolicy(_forced_selector(arms, arm if arm != NO_DRAFT else len(pool)), schedule="constant",
-                           initial=3)
+    policy = OfflinePolicy(_forced_selector(arms, arm if arm != NO_DRAFT else len(pool)), free_drafters=False,
+                           schedule="constant", initial=3)
     chosen = draftwise.generate(target, ids, mask, drafts=pool, selector=policy, **fixed)
     alone = draftwise.generate(target, ids, mask, drafts=pool, selector=FixedPolicy(arm, gamma=3), **fixed)
     assert torch.equal(chosen.sequences, alone.sequences)

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .target import load_target
+from .target import DEFAULT_TARGET, known_target, load_target
 
 _PACKAGE = Path(__file__).parent.parent  # the draftwise package, which holds drafts/ and selectors/
 
@@ -44,9 +44,15 @@ class DistilledDraftSpec:
         return load_draft(self.folder, target)
 
 
+def shipped_draft(name: str = DEFAULT_TARGET) -> DistilledDraftSpec:
+    """The draft distilled for the known target ``name`` that ships with the package."""
+    return DistilledDraftSpec(_PACKAGE / "drafts" / known_target(name).draft)
+
+
 # The draft distilled from SmolLM2 that ships with the package (README, "The default draft"):
 # the target's first layers on its shared embeddings, predicting its 8192 most frequent tokens.
-DISTILLED_DRAFT = DistilledDraftSpec(_PACKAGE / "drafts" / "smollm2-135m-instruct")
+# Gemma-3-270M's (docs/distillation.md) is the same shape on Gemma's first two layers.
+DISTILLED_DRAFT = shipped_draft(DEFAULT_TARGET)
 # The best draft made of the target's own layers without training (bench/draft_candidates.py):
 # the first layer agrees most (3% on the target's answers, 9% on documentation text) at the
 # lowest cost; no undistilled layer draft reaches the break-even acceptance.
@@ -70,16 +76,19 @@ POOL_SELECTOR = _PACKAGE / "selectors" / "smollm2-135m-instruct-pool"
 
 
 def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 cache_dir: str | Path | None = None):
-    """``(target, tokenizer, draft)``: the default target and :data:`DEFAULT_DRAFT` built on it
-    (a draft model: ``draftwise.generate`` and Hugging Face's assisted generation both take it)."""
-    target, tokenizer = load_target(device, dtype, cache_dir)
-    return target, tokenizer, default_draft(target)
+                 cache_dir: str | Path | None = None, name: str = DEFAULT_TARGET):
+    """``(target, tokenizer, draft)``: the known target ``name`` (the default one unless given)
+    and its shipped draft built on it (a draft model: ``draftwise.generate`` and Hugging Face's
+    assisted generation both take it)."""
+    target, tokenizer = load_target(device, dtype, cache_dir, name=name)
+    return target, tokenizer, default_draft(target, name)
 
 
-def default_draft(target: nn.Module) -> nn.Module:
-    """:data:`DEFAULT_DRAFT` built on ``target`` (the default target), in eval mode."""
-    return DEFAULT_DRAFT.build(target).eval()
+def default_draft(target: nn.Module, name: str = DEFAULT_TARGET) -> nn.Module:
+    """The shipped draft of the known target ``name`` (:data:`DEFAULT_DRAFT` for the default
+    target) built on ``target``, that target's model, in eval mode."""
+    spec = DEFAULT_DRAFT if name == DEFAULT_TARGET else shipped_draft(name)
+    return spec.build(target).eval()
 
 
 def pool_drafters(target: nn.Module) -> list:
@@ -93,8 +102,8 @@ def pool_drafters(target: nn.Module) -> list:
 def load_pool(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
               cache_dir: str | Path | None = None):
     """``(target, tokenizer, drafts, selector)``: the default target, its shipped pool of drafters
-    (:func:`pool_drafters`) and the policy that picks among them per row (the shipped selector as
-    the prior of an :class:`~draftwise.engine.selector.OnlinePolicy`), so that::
+    (:func:`pool_drafters`) and the policy that picks among them per row (the shipped selector,
+    an :class:`~draftwise.engine.selector.OfflinePolicy`), so that::
 
         draftwise.generate(target, **inputs, drafts=drafts, selector=selector)
 

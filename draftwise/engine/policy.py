@@ -133,12 +133,16 @@ class DraftPolicy:
     ``wants_hidden``: the engine computes :attr:`PolicyContext.hidden` for :meth:`start`.
     ``full_information``: after each step the engine also reports, through
     :meth:`observe_shadow`, what drafters that did not draft a row would have had accepted there.
+    ``scores_idle_models``: with full information, idle draft models are scored too (a catch-up
+    read every few steps, which costs a draft forward); without it only the drafters without a
+    model are (prompt lookup: a search, no forward).
     ``uses_times``: the policy learns from the measured times in each :class:`StepTrace` (else the
     engine times a step only when statistics are asked for).
     """
 
     wants_hidden = False
     full_information = False
+    scores_idle_models = True
     uses_times = True
 
     def start(self, num_drafters: int, batch: int, context: PolicyContext | None = None) -> None:

@@ -196,12 +196,20 @@ class Selector(nn.Module):
 
 class OfflinePolicy(AdaptivePolicy):
     """One choice per row from the prompt, before the first step (the paper's method); the row
-    then drafts with that arm only, at an adaptive γ, and stops drafting where it loses."""
+    then drafts with that arm, at an adaptive γ, and stops drafting where it loses.
 
-    def __init__(self, selector: Selector, **adaptive):
+    ``free_drafters`` (default True): the row may also take the drafters without a model (prompt
+    lookup), which the engine scores every step on the committed tokens at the cost of a search,
+    no forward; the row switches to one only on that evidence. With False, the row drafts with its
+    chosen arm alone, as in the paper."""
+
+    scores_idle_models = False  # the chosen arm is not second-guessed by other draft models
+
+    def __init__(self, selector: Selector, free_drafters: bool = True, **adaptive):
         super().__init__(**adaptive)
         self.selector = selector
         self.wants_hidden = selector.feature == "hidden"
+        self.free_drafters = self.full_information = free_drafters
 
     def check_pool(self, names: Sequence[str], target=None) -> None:
         self.selector.check(names, target)
@@ -210,9 +218,14 @@ class OfflinePolicy(AdaptivePolicy):
         super().start(num_drafters, batch, context)
         if context is None:
             raise ValueError("selector: an offline policy needs the prompts (the engine passes them)")
-        for row, arm in zip(self.rows, self.selector.choose(self.selector.features_of(context))):
+        self.free = [i for i in range(num_drafters) if not self._runs_model(i)] if self.free_drafters else []
+        self.chosen = self.selector.choose(self.selector.features_of(context))
+        for row, arm in zip(self.rows, self.chosen):
             row.allowed = [] if arm == NO_DRAFT else [arm]
-        self.chosen = [row.allowed[0] if row.allowed else NO_DRAFT for row in self.rows]
+
+    def _candidates(self, row) -> list[int]:
+        """The chosen arm, and the free drafters once their scores say something."""
+        return row.allowed + [i for i in self.free if i not in row.allowed and row.arms[i].alpha is not None]
 
 
 class OnlinePolicy(AdaptivePolicy):
@@ -288,12 +301,16 @@ def resolve_selector(value, drafters: Sequence, target, **adaptive):
     (:class:`~draftwise.engine.policy.AdaptivePolicy`). A ``DraftPolicy`` is used as it is; a
     folder is a trained selector, choosing once per row (:class:`OfflinePolicy`); ``"online"`` is
     an :class:`OnlinePolicy` whose prior is the shipped selector of this pool, if there is one.
-    With no selector and several drafters, the default is that online policy too."""
+    With no selector and several drafters, the default is the shipped selector of this pool
+    (:class:`OfflinePolicy`) if there is one, else the online policy."""
     from .policy import DraftPolicy
 
     names = [d.name for d in drafters]
     if value is None:
-        return OnlinePolicy(shipped_selector(names, target), **adaptive) if len(drafters) > 1 else None
+        if len(drafters) <= 1:
+            return None
+        shipped = shipped_selector(names, target)
+        return OfflinePolicy(shipped, **adaptive) if shipped is not None else OnlinePolicy(None, **adaptive)
     if isinstance(value, DraftPolicy):
         return value
     if value == "online":
@@ -304,8 +321,9 @@ def resolve_selector(value, drafters: Sequence, target, **adaptive):
                     f"got {type(value).__name__}")
 
 
-def pool_policy(folder: str | os.PathLike, drafters: Sequence, target) -> OnlinePolicy:
-    """The online policy with the selector in ``folder`` as its prior, checked against the pool."""
+def pool_policy(folder: str | os.PathLike, drafters: Sequence, target) -> OfflinePolicy:
+    """The selector in ``folder``, checked against the pool, as the pool's policy: one choice per
+    row from the prompt, prompt lookup scored beside it (:class:`OfflinePolicy`)."""
     selector = Selector.load(folder)
     selector.check([d.name for d in drafters], target)
-    return OnlinePolicy(selector)
+    return OfflinePolicy(selector)

@@ -281,7 +281,7 @@ class Decoder:
             per_token = None if seconds is None else seconds / max(1, draft.tokens.shape[1])
             self.policy.observe_shadow(arm, drafted, accepted, per_token)
         idle = [arm for arm, d in enumerate(self.drafters) if arm not in proposals and hasattr(d, "score")]
-        if self.steps_done % self.SCORE_EVERY or not idle:
+        if self.steps_done % self.SCORE_EVERY or not idle or not self.policy.scores_idle_models:
             return
         arm = idle[(self.steps_done // self.SCORE_EVERY) % len(idle)]  # one idle draft model in turn
         times: list[float] = []
