@@ -7,6 +7,7 @@ held-out prompts of every kind.
     draftwise distill --target gemma-3-270m --prompts ~/.cache/draftwise/gemma-run/train.jsonl \\
       --heldout-prompts ~/.cache/draftwise/gemma-run/heldout.jsonl --output ~/.cache/draftwise/gemma-run/fkl
     python bench/gemma_pair.py --draft ~/.cache/draftwise/gemma-run/fkl/draft
+    python bench/gemma_pair.py --draft default --measure tau --out bench/results/gemma_pair_tau   # the shipped draft
 
 The training prompts are requests about Wikipedia articles and the Python documentation
 (:func:`~draftwise.distill.prompts.prose_training_requests`), the held-out ones about other Wikipedia
@@ -15,7 +16,9 @@ translation, summary, question, math, passage, code) read texts neither file doe
 base model (no chat template): a request is followed by a blank line. Each prompt runs through
 every arm in turn (batch 1, greedy); speedups are summed tokens over summed seconds, against the
 target alone in the same run. Every draftwise arm must emit the target's own tokens (checked).
-Writes bench/results/gemma_pair.{json,md}.
+``--measure tau``: instead, the draft's acceptance α and block efficiency τ (tokens per target
+call) at a fixed γ (chains, every drafted token verified), untimed. Writes
+bench/results/gemma_pair.{json,md}.
 """
 
 from __future__ import annotations
@@ -90,6 +93,27 @@ def measure(target, tokenizer, draft, prompts: dict, max_new_tokens: int) -> dic
     return results
 
 
+def block_efficiency(target, tokenizer, draft, prompts: dict, max_new_tokens: int, gamma: int) -> dict:
+    """Per kind: α and τ of the draft at a fixed γ (chains, no confidence stop), greedy."""
+    from draftwise.engine.stats import SpecStats
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, num_assistant_tokens=gamma,
+                   num_assistant_tokens_schedule="constant", tree_budget=0, assistant_confidence_threshold=0.0,
+                   return_dict_in_generate=True)
+    results, every = {}, []
+    for kind, texts in prompts.items():
+        stats = [draftwise.generate(target, **tokenizer(chat_text(tokenizer, t), return_tensors="pt"),
+                                    assistant_model=draft, **options).spec_stats for t in texts]
+        every += stats
+        pooled = SpecStats.total(stats)
+        results[kind] = dict(alpha=pooled.alpha, tau=pooled.tau)
+        print(kind, f"alpha {pooled.alpha:.3f} tau {pooled.tau:.2f}", flush=True)
+    pooled = SpecStats.total(every)
+    results["all kinds"] = dict(alpha=pooled.alpha, tau=pooled.tau)
+    return results
+
+
 def table(results: dict) -> str:
     names = list(next(iter(results.values())))
     lines = ["| kind | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -103,7 +127,9 @@ def main() -> None:
     parser.add_argument("--write-prompts", type=Path, help="write train.jsonl and heldout.jsonl here and stop")
     parser.add_argument("--train", type=int, default=600, help="training prompts")
     parser.add_argument("--heldout", type=int, default=32, help="held-out prompts")
-    parser.add_argument("--draft", type=Path, help="the distilled draft folder")
+    parser.add_argument("--draft", help="the distilled draft folder, or 'default' (the draft shipped for Gemma-3-270M)")
+    parser.add_argument("--measure", choices=("speed", "tau"), default="speed")
+    parser.add_argument("--gamma", type=int, default=4, help="with --measure tau")
     parser.add_argument("--per-kind", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=RESULTS / "gemma_pair")
@@ -115,7 +141,15 @@ def main() -> None:
     prompts = evaluation_prompts(args.per_kind)
     torch.manual_seed(0)
     target, tokenizer = load_target(name=TARGET)
-    draft = draftwise.load_draft(args.draft.expanduser(), target)
+    if args.draft == "default":
+        from draftwise.defaults import default_draft
+
+        draft = default_draft(target, TARGET)
+    else:
+        draft = draftwise.load_draft(Path(args.draft).expanduser(), target)
+    if args.measure == "tau":
+        return write_tau(args, prompts, block_efficiency(target, tokenizer, draft, prompts, args.max_new_tokens,
+                                                         args.gamma))
     results = measure(target, tokenizer, draft, prompts, args.max_new_tokens)
     every = {name: [sum(r[name]["tokens"] for r in results.values()), sum(r[name]["seconds"] for r in results.values())]
              for name in next(iter(results.values()))}
@@ -131,6 +165,21 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(
         {"versions": {"torch": torch.__version__, "transformers": transformers.__version__},
          "draft": str(args.draft), "prompts": prompts, "results": results}, indent=1))
+    args.out.with_suffix(".md").write_text(text)
+
+
+def write_tau(args, prompts: dict, results: dict) -> None:
+    text = (f"Command: `python bench/gemma_pair.py --draft {args.draft} --measure tau --gamma {args.gamma} "
+            f"--per-kind {args.per_kind}`\n\n{TARGET} and its draft ({args.draft}), batch 1, greedy, "
+            f"{args.max_new_tokens} new tokens, {args.per_kind} prompts per kind, no chat template; chains of "
+            f"γ = {args.gamma}, every drafted token verified. α: accepted over drafted; τ: tokens per target call.\n\n"
+            "| kind | α | τ |\n|---|---|---|\n"
+            + "".join(f"| {kind} | {r['alpha']:.3f} | {r['tau']:.2f} |\n" for kind, r in results.items()))
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+         "draft": str(args.draft), "gamma": args.gamma, "prompts": prompts, "results": results}, indent=1))
     args.out.with_suffix(".md").write_text(text)
 
 
