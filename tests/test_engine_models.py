@@ -416,3 +416,31 @@ def test_generate_on_one_model_from_several_threads():
         t.join(timeout=120)
     assert not errors, errors
     assert len(outputs) == 12 and all(torch.equal(out, expected) for out in outputs)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_unpadded_decode_step_runs_sdpa_without_its_all_true_mask(arch, models, monkeypatch):
+    """One unpadded row decoding one token sees every key: SDPA runs without the mask (the
+    unmasked path is taken, and only then) and the logits are those of a cache-free forward."""
+    from draftwise.engine import attention
+
+    model = models(arch)
+    seen = []
+    mapping = attention.AttentionInterface._global_mapping
+    for name, unmasked in ((attention.NAME, False), (attention.UNMASKED_NAME, True)):
+        real = mapping[name]
+        monkeypatch.setitem(mapping, name, lambda *a, real=real, unmasked=unmasked, **k: seen.append(unmasked)
+                            or real(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    tokens = random_tokens(gen, 1, 9)
+    runner = ModelRunner(model, 1, 16)
+    runner.prefill(tokens[:, :6])
+    assert not any(seen)  # the prompt: several queries, masked
+    seen.clear()
+    for t in range(6, 9):
+        logits = runner.extend(tokens[:, t : t + 1])
+        torch.testing.assert_close(logits[:, 0], model(input_ids=tokens[:, : t + 1]).logits[:, -1], atol=ATOL, rtol=0)
+    assert seen == [True] * 3 * model.config.num_hidden_layers  # decode steps: unmasked, every layer
+    seen.clear()
+    runner.extend(tokens[:, 6:8])  # two tokens: masked again
+    assert not any(seen)

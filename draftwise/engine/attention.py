@@ -20,6 +20,10 @@ sliding layers (``masked_layers``), and those, with any layer that passes a ``sl
 what else the kernel does not know (attention bias, soft-capping, sinks), take SDPA with the
 layer's own 4-D mask, which carries the window.
 
+A decode step of one row whose every cached key is valid (the runner's mask is all true) runs SDPA
+without the mask (``using(model, unmasked=True)``), as transformers' own decoding does: PyTorch's
+SDPA then keeps grouped heads inside and takes its unmasked path.
+
 What reaches the fast path is exact: SDPA with the runner's mask, the layer's own ``scaling``
 (Gemma's ``query_pre_attn_scalar``) and nothing else; a layer that passes soft-capping, a position
 bias or attention sinks goes to transformers' own function (``sdpa`` refuses soft-capping: such
@@ -38,6 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from draftwise.kernels.tree_attention import tree_attention
 
 NAME = "draftwise_sdpa"
+UNMASKED_NAME = "draftwise_sdpa_unmasked"
 TREE_NAME = "draftwise_tree"
 _UNHANDLED = ("position_bias", "s_aux", "softcap", "cache")  # extras only transformers' path knows
 
@@ -57,12 +62,29 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 AttentionInterface.register(NAME, sdpa_attention)
 
 
+def unmasked_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                            **kwargs):
+    """A forward whose one query per row sees every key it is given (the runner's mask is all true):
+    SDPA without the mask, grouped heads inside it."""
+    if query.shape[2] != 1 or any(kwargs.get(name) is not None for name in _UNHANDLED + ("sliding_window",)):
+        return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                              is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(UNMASKED_NAME, unmasked_sdpa_attention)
+
+
 @contextlib.contextmanager
-def using(model):
-    """Inside, ``model`` runs its attention through :func:`sdpa_attention`; then it is put back."""
+def using(model, unmasked: bool = False):
+    """Inside, ``model`` runs its attention through :func:`sdpa_attention`; then it is put back.
+    ``unmasked``: the forward's single query per row sees every key (its mask is all true), so
+    SDPA runs without it (:func:`unmasked_sdpa_attention`), as transformers' own decoding does."""
     config = model.config
     previous = config._attn_implementation
-    config._attn_implementation = NAME
+    config._attn_implementation = UNMASKED_NAME if unmasked else NAME
     try:
         yield
     finally:

@@ -248,7 +248,8 @@ class ModelRunner:
         # token trees on CUDA: the fused tree-attention kernel instead of SDPA with a dense mask (an
         # ``eager`` model keeps its own attention: its layers may do what SDPA does not, soft-capping)
         self.tree_kernel = tree_attention_backend(self.device) if attn == "sdpa" else None
-        switches = self.linears is not None or self.gqa_attention or self.tree_kernel is not None
+        switches = (self.linears is not None or self.gqa_attention or self.tree_kernel is not None
+                    or (attn == "sdpa" and self.device.type == "cpu"))  # unmasked decode steps switch too
         self._switch_lock = model_lock(model) if switches else contextlib.nullcontext()
         self.compiled = bool(compile)
         self.cache_argument = cache_argument(model)
@@ -398,7 +399,8 @@ class ModelRunner:
         cache = self.cache
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         call = compiling.compiled_call() if compiled else compiling.call_model
-        with self._switched(tokens.numel(), steps, compiled), torch.inference_mode():
+        unmasked = tree is None and not compiled and self._sees_every_key(steps, kv_length)
+        with self._switched(tokens.numel(), steps, compiled, unmasked), torch.inference_mode():
             slots = cache.write_slots(steps)[:, 0, :, 0]  # [B, T]: the slots the layers write (one index for all)
             tree_kernel = contextlib.nullcontext()
             if tree is None:
@@ -426,15 +428,28 @@ class ModelRunner:
         return out.logits
 
     @contextlib.contextmanager
-    def _switched(self, rows: int, steps: int, compiled: bool):
+    def _switched(self, rows: int, steps: int, compiled: bool, unmasked: bool = False):
         """The model's modules as this forward runs them, under the model's lock (other threads'
         forwards of the same model wait): on the CPU, the skinny GEMM for verification-sized fp32
-        linear layers, and SDPA keeping grouped key/value heads for forwards of several tokens."""
+        linear layers, SDPA keeping grouped key/value heads for forwards of several tokens, and
+        SDPA without a mask for a decode step that sees every key."""
         routing = (self.linears.routing(rows, every_size=compiled) if self.linears is not None
                    else contextlib.nullcontext())
-        gqa = attention.using(self.model) if self.gqa_attention and steps > 1 else contextlib.nullcontext()
-        with self._switch_lock, routing, gqa:
+        if unmasked or (self.gqa_attention and steps > 1):
+            switch = attention.using(self.model, unmasked=unmasked)
+        else:
+            switch = contextlib.nullcontext()
+        with self._switch_lock, routing, switch:
             yield
+
+    def _sees_every_key(self, steps: int, kv_length: int) -> bool:
+        """A CPU decode step of one unpadded row whose cache is full up to the keys the forward
+        reads (``kv_length``), on an ``sdpa`` model without sliding windows: its mask is all true.
+        (On the CPU the two reads below cost nothing; elsewhere the masked path is kept.)"""
+        cache = self.cache
+        return (steps == 1 and cache.batch_size == 1 and self.window is None and self.device.type == "cpu"
+                and self.attn_implementation == "sdpa" and int(cache.starts[0]) == 0
+                and int(cache.lengths[0]) == kv_length - 1)
 
     def _attention_mask(self, slots: torch.Tensor, kv_length: int):
         """[B, 1, T, S]: query at ``slots[b, t]`` sees s iff ``starts_b <= s <= slots[b, t]``, or
