@@ -257,10 +257,11 @@ def _tree_budget(text: str):
 def _load_target(path: str | None):
     """The default target, a known target by name (``gemma-3-270m``), or a causal LM folder
     (``save_pretrained`` layout) with its tokenizer."""
-    from draftwise.defaults import DEFAULT_TARGET, KNOWN_TARGETS, load_target
+    from draftwise.defaults import load_target
 
-    if path is None or path in KNOWN_TARGETS:
-        return load_target(name=path or DEFAULT_TARGET)
+    known = _known_target_name(path)
+    if known is not None:
+        return load_target(name=known)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)

@@ -91,3 +91,11 @@ def first_two_token_law(target, prompt: torch.Tensor, temperature: float, top_k:
         seconds = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab).view(-1, 1)], 1)
         second = law(target(seconds).logits[:, -1])
     return first.view(-1, 1) * second
+
+
+def tree_path_tokens(tokens: torch.Tensor, parents: torch.Tensor, row: int, node: int) -> list[int]:
+    """The tokens from the root of row ``row``'s tree down to ``node`` (``parents`` -1 at the root)."""
+    path = [node]
+    while parents[row, path[-1]] >= 0:
+        path.append(int(parents[row, path[-1]]))
+    return [int(tokens[row, n]) for n in reversed(path)]

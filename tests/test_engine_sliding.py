@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from oracles import ALPHA, PAD, chi_square, first_two_token_law, left_padded_prompts
+from oracles import ALPHA, PAD, chi_square, first_two_token_law, left_padded_prompts, tree_path_tokens
 from tiny_models import SLIDING_ARCHS, SLIDING_WINDOWS, make_sliding_pair, tiny_config, tiny_sliding_model
 
 import draftwise
@@ -126,23 +126,17 @@ def test_a_tree_deeper_than_the_window_gives_every_node_its_path_logits(pairs, a
     assert int(tree.depth.max()) > window
     logits = runner.extend_tree(tree.tokens.clamp(min=0), tree.depth, tree.ancestors)
 
-    def path_to(b, t):
-        path = [t]
-        while parents[b, path[-1]] >= 0:
-            path.append(int(parents[b, path[-1]]))
-        return [int(tokens[b, n]) for n in reversed(path)]
-
     for b, prompt in enumerate(prompts):
         for t in range(nodes):
             if tree.valid[b, t]:
-                want = cache_free(model, prompt[:-1] + path_to(b, t))[-1]
+                want = cache_free(model, prompt[:-1] + tree_path_tokens(tokens, parents, b, t))[-1]
                 torch.testing.assert_close(logits[b, t], want, atol=ATOL, rtol=ATOL, msg=f"row {b}, node {t}")
     deepest = [nodes - 2, nodes - 1]  # row 0: the first branch's last node; row 1: the second's
     paths = [[0] + [n for n in range(1, nodes) if tree.ancestors[b, deepest[b]] >> n & 1] for b in range(2)]
     runner.cache.commit_path(torch.tensor(paths), torch.tensor([len(p) for p in paths]))
     after = runner.extend(torch.tensor([[50], [51]]))[:, 0]
     for b, prompt in enumerate(prompts):
-        want = cache_free(model, prompt[:-1] + path_to(b, deepest[b]) + [50 + b])[-1]
+        want = cache_free(model, prompt[:-1] + tree_path_tokens(tokens, parents, b, deepest[b]) + [50 + b])[-1]
         torch.testing.assert_close(after[b], want, atol=ATOL, rtol=ATOL)
 
 

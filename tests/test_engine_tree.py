@@ -71,18 +71,12 @@ def test_one_tree_forward_gives_every_node_the_logits_of_its_own_path(arch):
     tree = DraftTree(tokens, parents, runner.lengths.clone())
     logits = runner.extend_tree(tree.tokens.clamp(min=0), tree.depth, tree.ancestors)
 
-    def path_to(b, t):
-        nodes = [t]
-        while parents[b, nodes[-1]] >= 0:
-            nodes.append(int(parents[b, nodes[-1]]))
-        return [int(tokens[b, n]) for n in reversed(nodes)]
-
     with torch.no_grad():
         for b, prompt in enumerate(prompts):
             for t in range(tokens.shape[1]):
                 if not tree.valid[b, t]:
                     continue
-                sequence = torch.tensor([prompt[:-1] + path_to(b, t)])
+                sequence = torch.tensor([prompt[:-1] + tree_path_tokens(tokens, parents, b, t)])
                 want = model(input_ids=sequence).logits[0, -1]
                 torch.testing.assert_close(logits[b, t], want, atol=1e-4, rtol=1e-4)
     # keep root -> node 1 -> node 2 in row 0, root -> node 5 in row 1; then one more token each
@@ -213,7 +207,7 @@ def test_a_draft_model_grows_a_dynamic_tree_of_its_likeliest_continuations():
 import draftwise  # noqa: E402
 from draftwise.engine import PromptLookupDrafter  # noqa: E402
 
-from oracles import ALPHA, PAD, chi_square, first_two_token_law, left_padded_prompts  # noqa: E402
+from oracles import ALPHA, PAD, chi_square, first_two_token_law, left_padded_prompts, tree_path_tokens  # noqa: E402
 from tiny_models import ARCHS, make_pair, tiny_model  # noqa: E402
 
 BUILDERS = {  # how a call asks for each tree builder
