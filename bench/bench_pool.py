@@ -5,9 +5,12 @@ the drafts or the selector trained on), each with and without the chat template;
 48 new tokens. Arms, interleaved prompt by prompt in one process:
 
 - target alone (Hugging Face's `model.generate`), the baseline of every ratio;
+- draftwise without a draft (the pool's no-draft arm; the second baseline: what drafting itself
+  gains or loses);
 - each drafter of the pool alone (`draftwise.generate(target, assistant_model=d)`, default policy);
-- a random arm (the mean time of the single arms and the target alone: the expectation of picking
-  one at random per prompt) and the per-prompt oracle (the fastest of them, measured);
+- a random arm (the mean time of the pool's arms, each drafter alone and no draft: the
+  expectation of picking one at random per prompt) and the per-prompt oracle (the fastest of
+  them, measured);
 - the whole pool under: the per-step default of one drafter (`AdaptivePolicy`), the offline
   selector (one choice per prompt, the paper's method; with prompt lookup scored for free beside
   the chosen arm, and without), the online policy without a prior, and the online policy with
@@ -37,6 +40,7 @@ from draftwise.engine.selector import OfflinePolicy, OnlinePolicy, Selector
 from draftwise.measure import new_tokens, timed, warm_up
 
 NEW_TOKENS = 48
+NO_DRAFT_ARM = "draftwise, no draft"
 
 
 def sampling(sample: bool) -> dict:
@@ -46,7 +50,8 @@ def sampling(sample: bool) -> dict:
 
 def arms(target, tokenizer, pool, selector, sample: bool = False) -> dict:
     common = dict(max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id, **sampling(sample))
-    runs = {"target alone": lambda x: target.generate(**x, **common)}
+    runs = {"target alone": lambda x: target.generate(**x, **common),
+            NO_DRAFT_ARM: lambda x: draftwise.generate(target, **x, **common)}
     for drafter in pool:
         runs[drafter.name] = (lambda d: lambda x: draftwise.generate(target, **x, assistant_model=d, **common))(drafter)
     policies = {
@@ -104,7 +109,7 @@ def with_derived_arms(records: list[dict], singles: list[str]) -> None:
         r["oracle_arm"] = singles[per_token.index(min(per_token))]
 
 
-def speedups(records: list[dict], names: list[str]) -> dict:
+def speedups(records: list[dict], names: list[str], base: str = "target alone") -> dict:
     groups = {}
     for r in records:
         for key in ((r["kind"], r["template"]), ("all kinds", r["template"]), ("all kinds", "both")):
@@ -112,7 +117,7 @@ def speedups(records: list[dict], names: list[str]) -> dict:
     def rate(group, name):  # tokens per second over the group
         return sum(r["tokens"][name] for r in group) / sum(r["seconds"][name] for r in group)
 
-    return {f"{kind}|{template}": {name: rate(group, name) / rate(group, "target alone") for name in names}
+    return {f"{kind}|{template}": {name: rate(group, name) / rate(group, base) for name in names}
             for (kind, template), group in groups.items()}
 
 
@@ -210,11 +215,13 @@ def main() -> None:
     if args.batch_only:
         return batches_only(target, tokenizer, pool, selector, prompts, args)
     records = measure(target, tokenizer, pool, selector, prompts, args.repeats, args.sample)
-    singles = ["target alone"] + [d.name for d in pool]
+    singles = [NO_DRAFT_ARM] + [d.name for d in pool]  # the pool's arms: each drafter, and no draft
     with_derived_arms(records, singles)
-    names = [d.name for d in pool] + ["random arm", "oracle", "pool: per-step default", "pool: offline selector",
+    names = [NO_DRAFT_ARM] + [d.name for d in pool] + ["random arm", "oracle", "pool: per-step default", "pool: offline selector",
                                       "pool: offline, chosen arm only", "pool: online", "pool: online + selector"]
     ratios = speedups(records, names)
+    drafting = [d.name for d in pool] + ["pool: offline selector"]
+    over_no_draft = speedups(records, drafting, base=NO_DRAFT_ARM)
     one_per_kind = [next(p for p in prompts if p["kind"] == k and p["template"] == "chat") for k in KINDS]
     batch = None if args.sample else batch_measure(target, tokenizer, pool, selector, one_per_kind,
                                                    max(args.repeats, 2))
@@ -223,7 +230,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(command=command, records=records, ratios=ratios,
-                                                        batch=batch), indent=1))
+                                                        over_no_draft=over_no_draft, batch=batch), indent=1))
     plotted = plot(ratios, names, out.with_suffix(".png"))
     choices = {}
     for r in records:
@@ -234,6 +241,8 @@ def main() -> None:
             f"Command: `{command}`", "", "Speedup over the target alone (Hugging Face `generate`): tokens per second "
             "over summed times" + (", runs averaged over repeats" if args.sample else "") + ".",
             "", table(ratios, names), "",
+            "The same runs over draftwise without a draft (what drafting itself gains or loses, on the same "
+            "forwards):", "", table(over_no_draft, drafting), "",
             f"Offline selector's choices: {choices}. Per-prompt oracle arm counts: "
             f"{ {a: sum(r['oracle_arm'] == a for r in records) for a in singles} }."]
     if batch is not None:

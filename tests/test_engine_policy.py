@@ -238,3 +238,81 @@ def test_a_batch_plan_counts_how_often_prompt_lookup_finds_a_match(lookup_propos
         lookup.drafted, lookup.accepted = 20.0, 18.0
         lookup.offered, lookup.proposed = 20.0, 20.0 * lookup_proposes
     assert policy.choose().drafter == ([1, 1] if lookup_proposes == 1.0 else [0, 0])
+
+
+def test_a_stopped_row_scores_its_draft_model_instead_of_trying_it():
+    """A row whose draft model (one that can be scored) keeps losing stops drafting and never
+    drafts again on its own: after each pause the model is scored on the tokens it missed, the
+    pause doubling while the scores stay bad; once they are good, the row drafts again."""
+    from draftwise.engine.policy import PolicyContext
+
+    policy = AdaptivePolicy("adaptive", initial=3, maximum=8)
+    policy.start(1, 1, PolicyContext(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long), 4,
+                                     with_model=(True,), scorable=(True,)))
+    drafted_at, scored_at, unseen = [], [], 0
+    for step in range(200):
+        good = step >= 80  # the text changes: the model now predicts every token
+        choice = policy.choose()
+        gamma = choice.gamma[0]
+        if choice.drafter[0] == 0:
+            drafted_at.append(step)
+            unseen = 0
+        accepted = gamma if good else 0
+        policy.observe(_trace(choice.drafter, [gamma], [accepted], {0: 0.002 * gamma} if gamma else {},
+                              0.040 + 0.008 * gamma, gamma + 1))
+        unseen += accepted + 1
+        idle = [] if choice.drafter[0] == 0 else [0]
+        for arm in policy.models_to_score(idle):
+            scored_at.append(step)
+            policy.observe_shadow(arm, [unseen], [unseen if good else 0], 0.003)
+            unseen = 0
+    assert drafted_at[0] == 0 and not [s for s in drafted_at if 0 < s < 80], "no tries while the scores are bad"
+    early = [s for s in scored_at if s < 80]
+    gaps = [b - a for a, b in zip(early, early[1:])]
+    assert len(early) >= 3 and gaps == sorted(gaps) and gaps[-1] > gaps[0], f"the pause grows: {early}"
+    assert drafted_at[-1] == 199 and len([s for s in drafted_at if s >= 80]) > 20, "drafts again once it would win"
+
+
+def test_automatic_trees_run_only_on_steps_the_policy_drafts(models, monkeypatch):
+    """tree_budget="auto" (the default with one drafter): a token tree is a shape of drafting, so
+    a step the policy keeps undrafted never becomes a tree step; and a row that stopped drafting
+    has its draft model scored (not tried). The output stays the target's greedy output."""
+    from draftwise.engine import ModelDrafter
+    from draftwise.engine.speculate import Decoder
+
+    target, _ = models
+    bad = tiny_model("llama", layers=1, seed=7)  # a draft model whose drafts the target rejects
+    ids, mask = left_padded_prompts(1)
+    expected = target.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=PAD)
+    seen, scores = {"choices": [], "trees": []}, []
+    choose, tree_step, score = AdaptivePolicy.choose, Decoder._tree_step, ModelDrafter.score
+
+    def recorded_choose(self):
+        seen["choices"].append(choose(self))
+        return seen["choices"][-1]
+
+    def recorded_tree_step(self, buffer, choice=None):
+        seen["trees"].append(choice)
+        return tree_step(self, buffer, choice)
+
+    def recorded_score(self, buffer):
+        scores.append(len(seen["choices"]))
+        return score(self, buffer)
+
+    monkeypatch.setattr(AdaptivePolicy, "choose", recorded_choose)
+    monkeypatch.setattr(Decoder, "_tree_step", recorded_tree_step)
+    monkeypatch.setattr(ModelDrafter, "score", recorded_score)
+    lookup = PromptLookupDrafter()  # the tiny target repeats itself: its copies are accepted
+    for draft in (lookup, bad):
+        seen["choices"].clear(), seen["trees"].clear(), scores.clear()
+        out = draftwise.generate(target, ids, mask, assistant_model=draft, max_new_tokens=40, do_sample=False,
+                                 pad_token_id=PAD, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, expected)
+        assert all(c is not None and NO_DRAFT not in c.drafter for c in seen["trees"])
+        if draft is lookup:  # drafting wins: trees are tried
+            assert seen["trees"]
+        else:
+            undrafted = sum(c.drafter == [NO_DRAFT] for c in seen["choices"])
+            assert undrafted > 20 and scores, (undrafted, scores)
+            drafting = [i for i, c in enumerate(seen["choices"]) if c.drafter != [NO_DRAFT]]
+            assert drafting[-1] < len(seen["choices"]) // 2, "the bad draft is scored, not tried again"

@@ -62,6 +62,7 @@ class PolicyContext:
     width: int  # the padded prompt width
     hidden: Optional[torch.Tensor] = None  # [B, H] float32
     with_model: tuple = ()  # per drafter: whether it runs a model (drafting costs forwards)
+    scorable: tuple = ()  # per drafter: whether it can be scored without drafting (a model's catch-up read)
 
     def prompt_ids(self) -> list[list[int]]:
         starts = self.starts.tolist()
@@ -134,8 +135,9 @@ class DraftPolicy:
     ``full_information``: after each step the engine also reports, through
     :meth:`observe_shadow`, what drafters that did not draft a row would have had accepted there.
     ``scores_idle_models``: with full information, idle draft models are scored too (a catch-up
-    read every few steps, which costs a draft forward); without it only the drafters without a
-    model are (prompt lookup: a search, no forward).
+    read every ``SCORE_EVERY`` steps, which costs a draft forward); without it only the drafters
+    without a model are (prompt lookup: a search, no forward). Any policy may ask for more such
+    reads through :meth:`models_to_score`.
     ``uses_times``: the policy learns from the measured times in each :class:`StepTrace` (else the
     engine times a step only when statistics are asked for).
     """
@@ -144,9 +146,11 @@ class DraftPolicy:
     full_information = False
     scores_idle_models = True
     uses_times = True
+    SCORE_EVERY = 4  # steps between the catch-up reads of idle draft models, with full information
 
     def start(self, num_drafters: int, batch: int, context: PolicyContext | None = None) -> None:
         self.num_drafters, self.batch = num_drafters, batch
+        self.steps_seen = 0
 
     def choose(self) -> StepChoice:
         raise NotImplementedError
@@ -159,6 +163,20 @@ class DraftPolicy:
         """Per row of the batch: of ``drafted`` tokens that ``drafter`` proposed or predicted
         without drafting the row, ``accepted`` would have been accepted (``drafted`` < 0: the row
         took that drafter this step and is counted by :meth:`observe`)."""
+
+    def models_to_score(self, idle: Sequence[int]) -> list[int]:
+        """Asked after each chain step: of the draft models that drafted no row (``idle``), those
+        that read the committed tokens they have not seen now (as they must before they draft
+        again) and are scored on them through :meth:`observe_shadow`. With full information and
+        ``scores_idle_models``: one in turn every ``SCORE_EVERY`` steps."""
+        self.steps_seen = getattr(self, "steps_seen", 0) + 1
+        if not (self.full_information and self.scores_idle_models) or not idle or self.steps_seen % self.SCORE_EVERY:
+            return []
+        return [idle[(self.steps_seen // self.SCORE_EVERY) % len(idle)]]
+
+    def observe_tree(self, drafted: Sequence[int], accepted: Sequence[int]) -> None:
+        """After a token-tree step that the policy's choice let run (``tree_budget="auto"``: one
+        drafter, every row drafted): per row, the nodes drafted and the depth accepted."""
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (positions in the current batch), in that order."""
@@ -231,8 +249,9 @@ class _RowArm:
 class _Row:
     arms: list[_RowArm]
     undrafted_steps: int = 0  # steps since the row last drafted
-    pause: int = 4  # steps without drafts before the next try
+    pause: int = 4  # steps without drafts before the next look (a try, or a score of a draft model)
     trying: bool = False  # this step is a try after a pause
+    wants_score: Optional[int] = None  # the draft model this step's look scores instead of a try
     allowed: Optional[list[int]] = None  # the drafters the row may use (None: all)
     prior: int = NO_DRAFT  # the drafter a selector chose for the row before the first step
 
@@ -240,7 +259,10 @@ class _Row:
 class AdaptivePolicy(DraftPolicy):
     """The default policy: per row, the arm (a drafter at its γ, or no draft) with the best
     expected tokens per second, from the row's own acceptance (decayed counts with a weak prior)
-    and the measured costs.
+    and the measured costs. A row that has stopped drafting looks again after a pause that
+    doubles each time the look still says no: a draft model is scored on the tokens it missed
+    (its catch-up read, owed before it drafts again anyway; no draft, no wider target call); a
+    drafter without a model is tried.
 
     ``schedule`` sets how γ moves per row and drafter: "adaptive" (towards the γ in [1, maximum]
     that maximises the expected rate, one step at a time; not drafting is allowed), "heuristic"
@@ -250,8 +272,8 @@ class AdaptivePolicy(DraftPolicy):
     keeps every row drafting with the adaptive schedule too.
     """
 
-    FIRST_PAUSE, LONGEST_PAUSE = 4, 64  # steps a row waits before it tries drafting again
-    retries = True  # a row that stopped drafting tries again after a pause (without other evidence)
+    FIRST_PAUSE, LONGEST_PAUSE = 4, 64  # steps a row waits before it looks at drafting again
+    retries = True  # a row that stopped drafting looks again after a pause (without other evidence)
 
     def __init__(self, schedule: str = "adaptive", initial: int = 4, maximum: int = MAX_GAMMA, no_draft: bool = True):
         if schedule not in SCHEDULES:
@@ -266,6 +288,7 @@ class AdaptivePolicy(DraftPolicy):
     def start(self, num_drafters: int, batch: int, context: PolicyContext | None = None) -> None:
         super().start(num_drafters, batch, context)
         self.with_model = tuple(context.with_model) if context is not None and context.with_model else ()
+        self.scorable = tuple(context.scorable) if context is not None and context.scorable else ()
         self.rows = [_Row([_RowArm(self.initial) for _ in range(num_drafters)]) for _ in range(batch)]
         self.plan_idle, self.plan_pause, self.plan_trying = 0, self.FIRST_PAUSE, False  # batch planning
 
@@ -370,6 +393,7 @@ class AdaptivePolicy(DraftPolicy):
         return list(range(len(row.arms))) if row.allowed is None else row.allowed
 
     def _choose_row(self, row: _Row) -> int:
+        row.wants_score = None
         candidates = self._candidates(row)
         if not candidates:
             return NO_DRAFT
@@ -382,7 +406,10 @@ class AdaptivePolicy(DraftPolicy):
             return best
         if self.rate(best, self._alpha(row.arms[best]), row.arms[best].gamma) > self.rate(NO_DRAFT):
             return best
-        if self.retries and row.undrafted_steps >= row.pause:  # the text may have changed: try again
+        if self.retries and row.undrafted_steps >= row.pause:  # the text may have changed: look again
+            if self.scorable and self.scorable[best]:
+                row.wants_score = best
+                return NO_DRAFT
             row.trying = True
             return best
         return NO_DRAFT
@@ -419,6 +446,21 @@ class AdaptivePolicy(DraftPolicy):
                 row.arms[drafter].offer(d > 0)
             if d > 0:
                 self._learn(row.arms[drafter], drafter, d, a)
+            if row.wants_score == drafter:
+                self._after_look(row, drafter)
+
+    def models_to_score(self, idle: Sequence[int]) -> list[int]:
+        wanted = super().models_to_score(idle)
+        asked = {row.wants_score for row in self.rows} & set(idle)
+        return wanted + sorted(asked - set(wanted))
+
+    def observe_tree(self, drafted: Sequence[int], accepted: Sequence[int]) -> None:
+        """Each row's accepted path counts as a chain that drafted one token past it (the drafter
+        of a tree chosen automatically is drafter 0, the only one)."""
+        for row, nodes, depth in zip(self.rows, drafted, accepted):
+            if nodes:
+                self._learn(row.arms[0], 0, min(nodes, depth + 1), depth)
+            self._after_drafting(row, 0)
 
     def _runs_model(self, drafter: int) -> bool:
         return bool(self.with_model and self.with_model[drafter])
@@ -433,13 +475,19 @@ class AdaptivePolicy(DraftPolicy):
 
     def _after_drafting(self, row: _Row, arm: int) -> None:
         """A try that still loses doubles the next pause; a winning arm resets it."""
-        state = row.arms[arm]
-        if row.trying and self.rate(arm, state.alpha, state.gamma) <= self.rate(NO_DRAFT):
-            row.pause = min(self.LONGEST_PAUSE, 2 * row.pause)
-        elif not row.trying:
+        if row.trying:
+            self._after_look(row, arm)
+        else:
             row.pause = self.FIRST_PAUSE
+            row.undrafted_steps = 0
+
+    def _after_look(self, row: _Row, arm: int) -> None:
+        """After a try or a score: the next pause doubles if drafting still loses, else resets."""
+        state = row.arms[arm]
+        loses = self.rate(arm, state.alpha, state.gamma) <= self.rate(NO_DRAFT)
+        row.pause = min(self.LONGEST_PAUSE, 2 * row.pause) if loses else self.FIRST_PAUSE
         row.undrafted_steps = 0
-        row.trying = False
+        row.trying, row.wants_score = False, None
 
     def select_rows(self, rows: Sequence[int]) -> None:
         self.rows = [self.rows[i] for i in rows]

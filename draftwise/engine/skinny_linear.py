@@ -2,7 +2,8 @@
 
 A verification forward runs ``batch x (gamma + 1)`` rows through every linear layer. On the CPU,
 PyTorch's fp32 GEMM repacks each weight on every call, and from 4 rows on that costs more than
-reading the weight, so a 5-token forward costs far more than a 1-token one. The kernel
+reading the weight, so a 5-token forward costs far more than a 1-token one; and on some CPUs its
+single-row path (a decode step) reads the weights at half the kernel's speed. The kernel
 :func:`draftwise.kernels.linear.skinny_linear` reads each weight once for all the rows; ``python
 bench/step_costs.py`` measures both.
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..kernels import linear as linear_kernel
 
-MIN_ROWS = 4  # fewer rows: PyTorch's GEMM is as fast (its single-row path reads the weight once)
+MIN_ROWS = 1  # from a decode step of one row (PyTorch's GEMV is at best as fast: both read each weight once)
 # Past these, the product is no longer bound by reading the weights and PyTorch's GEMM is as fast
 # (measured on the default target's shapes, 2 threads). The portable loop is never routed.
 MAX_ROWS = {"avx512": 20, "avx2": 12}

@@ -112,7 +112,6 @@ class Decoder:
         self.rows = torch.arange(len(buffer.lengths), device=device)  # original row ids of the batch
         self.produced = torch.zeros_like(buffer.lengths)
         self.results: dict[int, torch.Tensor] = {}
-        self.steps_done = 0
         if self.tree_budget:  # trees are valid by construction: the backend's kernel without verify_tree's checks
             self.verify_tree = tree_implementation(resolve_backend(self.backend, device))
         for name in {d.name for d in self.drafters} if len(self.drafters) > 1 else ():
@@ -136,7 +135,8 @@ class Decoder:
             for drafter in self.drafters:
                 drafter.start(buffer, attention_mask, self.target.vocab_size)
         context = PolicyContext(buffer.tokens, buffer.starts, buffer.prompt_length, hidden[0] if hidden else None,
-                                tuple(d.draft_model is not None for d in self.drafters))
+                                tuple(d.draft_model is not None for d in self.drafters),
+                                tuple(hasattr(d, "score") for d in self.drafters))
         self.policy.start(len(self.drafters), len(self.rows), context)
         no_drafts = torch.empty(len(self.rows), 0, dtype=torch.int64, device=prompt.device)
         with self.timer(times):
@@ -150,9 +150,12 @@ class Decoder:
         self._retire(buffer, values)
 
     def _step(self, buffer: TokenBuffer) -> None:
-        if self.tree_budget and (self.shapes is None or agreed(self.group, self.shapes.tree_next())):
+        if self.tree_budget and self.shapes is None:
             return self._tree_step(buffer)
         choice = agreed(self.group, self.policy.choose())
+        # chosen automatically, a tree is a shape of drafting: steps the policy keeps undrafted stay so
+        if self.shapes is not None and _drafts(choice) and agreed(self.group, self.shapes.tree_next()):
+            return self._tree_step(buffer, choice)
         times: list[float] = []
         with self.timer(times):
             draft, draft_seconds = self._draft(buffer, choice)
@@ -169,13 +172,15 @@ class Decoder:
         self._record(choice, draft.tokens.shape[1], values, draft_seconds, times)
         if self.policy.full_information:
             self._shadow_feedback(buffer, choice, shadows, out, values)
+        self._score_idle_models(buffer)
         self._retire(buffer, values)
 
     # ------------------------------------------------------------------ token trees
 
-    def _tree_step(self, buffer: TokenBuffer) -> None:
+    def _tree_step(self, buffer: TokenBuffer, choice: StepChoice | None = None) -> None:
         """Draft a token tree per row, read every node in one target forward (tree mask), verify
-        the tree, keep the accepted path in the target's cache and commit its tokens."""
+        the tree, keep the accepted path in the target's cache and commit its tokens. With the
+        policy's ``choice`` (trees chosen automatically), the policy learns from the step."""
         times: list[float] = []
         with self.timer(times):
             tree = self._draft_tree(buffer)
@@ -191,6 +196,8 @@ class Decoder:
         values = self._commit(buffer, VerifyOutput(out.output_tokens, out.num_accepted, None),
                               path_logits, path_logits, tree.valid.sum(1) - 1)
         self._record_tree(tree, values, times)
+        if choice is not None:
+            self.policy.observe_tree(values.drafted, values.accepted)
         self._retire(buffer, values)
 
     def _draft_tree(self, buffer: TokenBuffer) -> DraftTree:
@@ -251,7 +258,6 @@ class Decoder:
     # ------------------------------------------------------------------ full-information feedback
 
     SHADOW_GAMMA = 4  # tokens a drafter that drafts no row proposes for scoring
-    SCORE_EVERY = 4  # steps between the catch-up reads that score an idle draft model
 
     def _shadow_proposals(self, buffer: TokenBuffer) -> dict[int, tuple[Draft, float]]:
         """Proposals, for scoring only, of the drafters without a model that no row chose this
@@ -267,10 +273,8 @@ class Decoder:
     def _shadow_feedback(self, buffer: TokenBuffer, choice: StepChoice, shadows: dict, out: VerifyOutput,
                          values: StepValues) -> None:
         """Tell the policy what every drafter would have had accepted on each row it did not
-        draft: a proposal is scored against the tokens the step emitted (the target's own); an
-        idle draft model, every few steps, by reading the committed tokens it has not seen (as
-        it must before it drafts again) and comparing its predictions with them."""
-        self.steps_done += 1
+        draft: a proposal is scored against the tokens the step emitted (the target's own); idle
+        draft models as :meth:`_score_idle_models` says."""
         proposals = {arm: (draft, None) for arm, draft in self.proposals.items()} | shadows
         emitted = torch.tensor(values.emitted, device=out.output_tokens.device)
         chosen = torch.tensor(choice.drafter, device=emitted.device)
@@ -280,16 +284,19 @@ class Decoder:
         for (arm, (draft, seconds)), (drafted, accepted) in zip(proposals.items(), counts):
             per_token = None if seconds is None else seconds / max(1, draft.tokens.shape[1])
             self.policy.observe_shadow(arm, drafted, accepted, per_token)
-        idle = [arm for arm, d in enumerate(self.drafters) if arm not in proposals and hasattr(d, "score")]
-        if self.steps_done % self.SCORE_EVERY or not idle or not self.policy.scores_idle_models:
-            return
-        arm = idle[(self.steps_done // self.SCORE_EVERY) % len(idle)]  # one idle draft model in turn
-        times: list[float] = []
-        with self.timer(times):
-            drafted, accepted = self.drafters[arm].score(buffer)
-        seconds = self.timer.seconds(times[0])
-        self.stats.time_draft += seconds
-        self.policy.observe_shadow(arm, drafted, accepted, seconds)
+
+    def _score_idle_models(self, buffer: TokenBuffer) -> None:
+        """The idle draft models the policy asks about (:meth:`DraftPolicy.models_to_score`) read
+        the committed tokens they have not seen, as they must before they draft again, and the
+        policy learns how many of them each would have predicted."""
+        idle = [arm for arm, d in enumerate(self.drafters) if arm not in self.proposals and hasattr(d, "score")]
+        for arm in agreed(self.group, self.policy.models_to_score(idle)) if idle else ():
+            times: list[float] = []
+            with self.timer(times):
+                drafted, accepted = self.drafters[arm].score(buffer)
+            seconds = self.timer.seconds(times[0])
+            self.stats.time_draft += seconds
+            self.policy.observe_shadow(arm, drafted, accepted, seconds)
 
     def _record(self, choice: StepChoice, width: int, values: StepValues, draft_sections: dict,
                 times: list) -> None:
@@ -297,7 +304,7 @@ class Decoder:
         stats = self.stats
         draft_seconds = {arm: self.timer.seconds(section) for arm, section in draft_sections.items()}
         draft, target, verify = map(self.timer.seconds, times)
-        if self.shapes is not None:
+        if self.shapes is not None and _drafts(choice):  # chains against trees: drafting steps only
             self.shapes.observe(False, sum(values.emitted), draft + target + verify)
         trace = StepTrace(rows=values.rows, drafter=list(choice.drafter), drafted=values.drafted,
                           accepted=values.accepted, emitted=values.emitted, draft_seconds=draft_seconds,
@@ -387,6 +394,11 @@ class Decoder:
             drafter.select_rows(index)
         self.sampling.select_rows(index)
         self.policy.select_rows(keep)
+
+
+def _drafts(choice: StepChoice) -> bool:
+    """Whether some row drafts this step."""
+    return any(arm != NO_DRAFT for arm in choice.drafter)
 
 
 def _longest_proposal(tokens: torch.Tensor) -> int:
