@@ -67,11 +67,14 @@ def arms(target, tokenizer, pool, selector, sample: bool = False) -> dict:
     return runs
 
 
-def measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int, sample: bool = False) -> list[dict]:
+def measure(target, tokenizer, pool, selector, prompts: list[dict], repeats: int, sample: bool = False,
+            singles_only: bool = False) -> list[dict]:
     """Per prompt, each arm's best time and its new tokens. Greedy: every output must equal the
     target's. Sampled: outputs differ run to run (their law is the target's, which the tests
     check), so speeds are tokens per second."""
     runs = arms(target, tokenizer, pool, selector, sample)
+    if singles_only:
+        runs = {name: run for name, run in runs.items() if not name.startswith("pool:")}
     warm_up(runs, tokenizer(prompts[0]["text"], return_tensors="pt", add_special_tokens=False))
     records = []
     for prompt in tqdm(prompts, desc="prompts", unit="prompt"):
@@ -112,7 +115,7 @@ def with_derived_arms(records: list[dict], singles: list[str]) -> None:
 def speedups(records: list[dict], names: list[str], base: str = "target alone") -> dict:
     groups = {}
     for r in records:
-        for key in ((r["kind"], r["template"]), ("all kinds", r["template"]), ("all kinds", "both")):
+        for key in ((r["kind"], r["template"]), (r["kind"], "both"), ("all kinds", r["template"]), ("all kinds", "both")):
             groups.setdefault(key, []).append(r)
     def rate(group, name):  # tokens per second over the group
         return sum(r["tokens"][name] for r in group) / sum(r["seconds"][name] for r in group)
@@ -126,7 +129,8 @@ def batch_measure(target, tokenizer, pool, selector, prompts: list[dict], repeat
     tokenizer.padding_side = "left"
     inputs = tokenizer([p["text"] for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
     common = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    runs = {"target alone": lambda: target.generate(**inputs, **common)}
+    runs = {"target alone": lambda: target.generate(**inputs, **common),
+            NO_DRAFT_ARM: lambda: draftwise.generate(target, **inputs, **common)}
     for drafter in pool:
         runs[drafter.name] = (lambda d: lambda: draftwise.generate(target, **inputs, assistant_model=d, **common))(drafter)
     policies = {"pool: per-step default": lambda: AdaptivePolicy(), "pool: offline selector": lambda: OfflinePolicy(selector),
@@ -204,6 +208,8 @@ def main() -> None:
     parser.add_argument("--selector", default=str(POOL_SELECTOR))
     parser.add_argument("--sample", action="store_true", help="sample at T = 1 instead of greedy decoding")
     parser.add_argument("--out", default="bench/results/pool_cpu")
+    parser.add_argument("--singles-only", action="store_true",
+                        help="only the single arms: the target alone, no draft, each drafter alone (no batch)")
     parser.add_argument("--batch-only", action="store_true",
                         help="only the batches of mixed prompts (one per kind; chat template, then raw)")
     args = parser.parse_args()
@@ -214,19 +220,21 @@ def main() -> None:
     prompts = evaluation_set(tokenizer, args.per_kind, args.seed)
     if args.batch_only:
         return batches_only(target, tokenizer, pool, selector, prompts, args)
-    records = measure(target, tokenizer, pool, selector, prompts, args.repeats, args.sample)
+    records = measure(target, tokenizer, pool, selector, prompts, args.repeats, args.sample, args.singles_only)
     singles = [NO_DRAFT_ARM] + [d.name for d in pool]  # the pool's arms: each drafter, and no draft
     with_derived_arms(records, singles)
     names = [NO_DRAFT_ARM] + [d.name for d in pool] + ["random arm", "oracle", "pool: per-step default", "pool: offline selector",
                                       "pool: offline, chosen arm only", "pool: online", "pool: online + selector"]
+    names = [n for n in names if n in records[0]["seconds"]]
     ratios = speedups(records, names)
-    drafting = [d.name for d in pool] + ["pool: offline selector"]
+    drafting = [n for n in [d.name for d in pool] + ["oracle", "pool: offline selector"] if n in names]
     over_no_draft = speedups(records, drafting, base=NO_DRAFT_ARM)
     one_per_kind = [next(p for p in prompts if p["kind"] == k and p["template"] == "chat") for k in KINDS]
-    batch = None if args.sample else batch_measure(target, tokenizer, pool, selector, one_per_kind,
-                                                   max(args.repeats, 2))
+    batch = None if args.sample or args.singles_only else batch_measure(target, tokenizer, pool, selector,
+                                                                        one_per_kind, max(args.repeats, 2))
     command = (f"python bench/bench_pool.py --per-kind {args.per_kind} --repeats {args.repeats} --seed {args.seed}"
-               + (" --sample" if args.sample else "") + f" --out {args.out}")
+               + (" --sample" if args.sample else "") + (" --singles-only" if args.singles_only else "")
+               + f" --out {args.out}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(command=command, records=records, ratios=ratios,

@@ -6,6 +6,7 @@ target's) or sampled at T = 1 (`--sample`; tokens per second, since outputs diff
 prompt by prompt in one process:
 
 - the target alone (Hugging Face's `model.generate`), the baseline of every speedup;
+- draftwise without a draft (the same forwards as every arm below, no drafting);
 - the default draft as a chain: each fixed γ, and the adaptive schedule;
 - the default draft's dynamic tree (`tree_budget=N`, EAGLE-2's rule) at several budgets;
 - the trie of the default draft's chain and prompt lookup's matches (`drafts=[draft, lookup]`);
@@ -42,7 +43,8 @@ def arms(target, draft, tokenizer, sample: bool) -> dict:
     common = dict(max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id)
     common |= dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     ours = dict(common, return_dict_in_generate=True)
-    runs = {"target alone": lambda x: target.generate(**x, **common)}
+    runs = {"target alone": lambda x: target.generate(**x, **common),
+            "no draft": lambda x: draftwise.generate(target, **x, **ours)}
     for gamma in CHAIN_GAMMAS:
         runs[f"chain γ={gamma}"] = (lambda g: lambda x: draftwise.generate(
             target, **x, assistant_model=draft, num_assistant_tokens=g, assistant_confidence_threshold=0.0,

@@ -316,3 +316,16 @@ def test_automatic_trees_run_only_on_steps_the_policy_drafts(models, monkeypatch
             assert undrafted > 20 and scores, (undrafted, scores)
             drafting = [i for i, c in enumerate(seen["choices"]) if c.drafter != [NO_DRAFT]]
             assert drafting[-1] < len(seen["choices"]) // 2, "the bad draft is scored, not tried again"
+
+
+def test_a_batch_first_step_drafts_one_token_per_row():
+    """Before any cost is measured a batch's step drafts one token per row (its verification is
+    batch x (γ + 1) tokens wide); a single row starts at the call's γ."""
+    policy = AdaptivePolicy("adaptive", initial=4)
+    policy.start(1, 3)
+    assert policy.choose() == StepChoice([0, 0, 0], [1, 1, 1])
+    policy.start(1, 1)
+    assert policy.choose() == StepChoice([0], [4])
+    constant = AdaptivePolicy("constant", initial=4)
+    constant.start(1, 3)
+    assert constant.choose().gamma == [4, 4, 4]

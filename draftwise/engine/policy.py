@@ -299,7 +299,12 @@ class AdaptivePolicy(DraftPolicy):
             return self._plan_batch()
         arms = [self._choose_row(row) if self.num_drafters else NO_DRAFT for row in self.rows]
         arms = self._one_model_per_step(arms)
-        return StepChoice(arms, [0 if a == NO_DRAFT else row.arms[a].gamma for row, a in zip(self.rows, arms)])
+        gammas = [0 if a == NO_DRAFT else row.arms[a].gamma for row, a in zip(self.rows, arms)]
+        if self.batch > 1 and self.schedule == "adaptive" and not self.costs.measured:
+            # a batch's first step verifies batch x (γ + 1) tokens before any cost is known: one
+            # drafted token per row is the cheapest evidence (a wide call can cost several steps)
+            gammas = [min(g, 1) for g in gammas]
+        return StepChoice(arms, gammas)
 
     # ------------------------------------------------------------------ batches
 
