@@ -134,9 +134,9 @@ class Decoder:
         with self.timer(times):
             for drafter in self.drafters:
                 drafter.start(buffer, attention_mask, self.target.vocab_size)
+        self.scorable = tuple(hasattr(d, "score") for d in self.drafters)  # draft models with a catch-up read
         context = PolicyContext(buffer.tokens, buffer.starts, buffer.prompt_length, hidden[0] if hidden else None,
-                                tuple(d.draft_model is not None for d in self.drafters),
-                                tuple(hasattr(d, "score") for d in self.drafters))
+                                tuple(d.draft_model is not None for d in self.drafters), self.scorable)
         self.policy.start(len(self.drafters), len(self.rows), context)
         no_drafts = torch.empty(len(self.rows), 0, dtype=torch.int64, device=prompt.device)
         with self.timer(times):
@@ -289,7 +289,7 @@ class Decoder:
         """The idle draft models the policy asks about (:meth:`DraftPolicy.models_to_score`) read
         the committed tokens they have not seen, as they must before they draft again, and the
         policy learns how many of them each would have predicted."""
-        idle = [arm for arm, d in enumerate(self.drafters) if arm not in self.proposals and hasattr(d, "score")]
+        idle = [arm for arm, scorable in enumerate(self.scorable) if scorable and arm not in self.proposals]
         for arm in agreed(self.group, self.policy.models_to_score(idle)) if idle else ():
             times: list[float] = []
             with self.timer(times):
