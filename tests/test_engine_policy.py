@@ -329,3 +329,61 @@ def test_a_batch_first_step_drafts_one_token_per_row():
     constant = AdaptivePolicy("constant", initial=4)
     constant.start(1, 3)
     assert constant.choose().gamma == [4, 4, 4]
+
+
+def _two_arm_policy(batch: int) -> AdaptivePolicy:
+    """An adaptive policy over a draft model (arm 0) and prompt lookup (arm 1), started."""
+    from draftwise.engine.policy import PolicyContext
+
+    policy = AdaptivePolicy("adaptive", initial=3, maximum=8)
+    policy.start(2, batch, PolicyContext(torch.zeros(batch, 4, dtype=torch.long),
+                                         torch.zeros(batch, dtype=torch.long), 4, with_model=(True, False)))
+    return policy
+
+
+def test_a_batch_is_planned_as_soon_as_a_step_is_measured():
+    """An arm a row has never drafted with does not hold the batch back: once costs are measured
+    the step is planned for the batch, and where the known arms lose, no row drafts (row by row,
+    each row would first try its untried prompt lookup, widening every row's call)."""
+    policy = _two_arm_policy(3)
+    for gamma, seconds in [(0, 0.040), (2, 0.080)]:  # each drafted token costs a fifth of a step more per row
+        policy.costs.observe(_trace([NO_DRAFT if gamma == 0 else 0] * 3, [gamma] * 3, [0] * 3,
+                                    {0: 0.003} if gamma else {}, seconds, gamma + 1))
+    for row in policy.rows:
+        row.arms[0].drafted, row.arms[0].accepted = 20.0, 4.0  # the model: 20% accepted
+    assert policy.rows[0].arms[1].alpha is None
+    assert policy.choose() == StepChoice([NO_DRAFT] * 3, [0] * 3)
+    policy.plan_batches = False
+    assert policy.choose().drafter == [1, 1, 1]
+
+
+def test_a_batch_plan_widens_one_token_past_the_widest_measured_call():
+    """The fitted cost of a call wider than any measured one is an extrapolation: a planned step
+    drafts at most one token more per row than the widest call so far."""
+    policy = _two_arm_policy(2)
+    policy.costs.observe(_trace([0, 0], [1, 1], [1, 1], {0: 0.001}, 0.041, 2))
+    for row in policy.rows:
+        row.arms[0].drafted, row.arms[0].accepted = 20.0, 19.5  # the model is almost always right
+    widths = []
+    for _ in range(6):
+        choice = policy.choose()
+        widths.append(max(choice.gamma))
+        policy.observe(_trace(choice.drafter, list(choice.gamma), list(choice.gamma), {0: 0.001 * widths[-1]},
+                              0.040 + 0.001 * widths[-1], widths[-1] + 1))
+    assert widths == [2, 3, 4, 5, 6, 7]
+
+
+def test_a_batch_first_step_runs_a_draft_model_only_for_most_rows():
+    """A draft model's first use reads every row's prompt: in a batch's first step, a model that
+    fewer than half the rows chose does not run (those rows start without a draft); one that most
+    rows chose does, and a single row starts on its choice."""
+    policy = _two_arm_policy(3)
+    for row, allowed in zip(policy.rows, ([0], [1], [1])):
+        row.allowed = allowed
+    assert policy.choose().drafter == [NO_DRAFT, 1, 1]
+    for row, allowed in zip(policy.rows, ([0], [0], [1])):
+        row.allowed = allowed
+    assert policy.choose().drafter == [0, 0, 1]
+    single = _two_arm_policy(1)
+    single.rows[0].allowed = [0]
+    assert single.choose().drafter == [0]

@@ -141,3 +141,37 @@ def test_runner_logits_with_and_without_the_kernel(monkeypatch):
     routed = logits()
     monkeypatch.setenv(routing_module.ENV_SWITCH, "0")
     torch.testing.assert_close(routed, logits(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("crossover", [0, 20, 24, 50, 96, 127, 128, 1000])
+def test_calibration_finds_the_largest_winning_bound(crossover):
+    """Bisection over the candidate bounds: the largest one at or below where the kernel stops
+    winning, the floor when it wins at none; few measurements."""
+    from draftwise.engine.skinny_linear import CALIBRATION_ROWS, largest_winning
+
+    asked = []
+
+    def wins(rows):
+        asked.append(rows)
+        return rows <= crossover
+
+    found = largest_winning(CALIBRATION_ROWS, wins, floor=20)
+    below = [c for c in CALIBRATION_ROWS if c <= crossover]
+    assert found == (below[-1] if below else 20)
+    assert len(asked) <= 3
+
+
+def test_max_rows_from_the_environment_and_the_floor_for_small_models(monkeypatch):
+    from draftwise.engine.skinny_linear import ENV_MAX_ROWS, calibrated_max_rows
+
+    model = nn.Sequential(nn.Linear(48, 80), nn.ReLU(), nn.Linear(80, 24))
+    top = MAX_ROWS.get(linear.best_isa(), 0)
+    assert SkinnyLinears(model).max_rows == top  # too small to time: the floor
+    monkeypatch.setenv(ENV_MAX_ROWS, "30")
+    linears = SkinnyLinears(model)
+    assert linears.max_rows == 30
+    with torch.inference_mode(), linears.routing(25):
+        assert ("forward" in vars(model[0])) == (top > 0)
+    monkeypatch.setenv(ENV_MAX_ROWS, "many")
+    with pytest.raises(ValueError, match=ENV_MAX_ROWS):
+        calibrated_max_rows(list(linears.linears))

@@ -311,12 +311,10 @@ class AdaptivePolicy(DraftPolicy):
     plan_batches = True  # with several rows, plan each step for the batch (below); False: row by row
 
     def _plans_the_batch(self) -> bool:
-        """Batch planning needs measured costs and an estimate for every arm a row may take (until
-        then rows try their arms one by one, as at batch 1)."""
-        if not (self.plan_batches and self.batch > 1 and self.no_draft and self.num_drafters
-                and self.costs.measured):
-            return False
-        return all(row.arms[i].alpha is not None for row in self.rows for i in self._candidates(row))
+        """Batch planning starts once a step's cost is measured (the first step, where rows take
+        their first arms, is chosen row by row)."""
+        return bool(self.plan_batches and self.batch > 1 and self.no_draft and self.num_drafters
+                    and self.costs.measured)
 
     def _plan_batch(self) -> StepChoice:
         """One target forward verifies every row at the width of the longest draft, and a draft
@@ -326,8 +324,12 @@ class AdaptivePolicy(DraftPolicy):
         (a row with none of them rides on the step's model: its drafts cost nothing more), chosen
         to maximise the batch's expected tokens per second, with not drafting at all a plan too.
         When that plan has won for a while, the best drafting plan is tried again (the text may
-        have changed), after a pause that doubles each time the try loses."""
-        plans = [self._plan(model, gamma) for model in self._plan_models() for gamma in range(1, self.maximum + 1)]
+        have changed), after a pause that doubles each time the try loses. An arm a row has no
+        estimate for counts as no gain (the row still takes it when it has nothing better: it
+        rides at no cost and learns); γ grows at most one past the widest call measured, so
+        the cost of a wider call is never a guess far from the evidence."""
+        widest = min(self.maximum, max(self.costs.target) + 1)
+        plans = [self._plan(model, gamma) for model in self._plan_models() for gamma in range(1, widest + 1)]
         plans = [p for p in plans if p is not None]
         idle_rate = self.batch / self.costs.target_time(0)
         best = max(plans, key=lambda p: p[0], default=None)
@@ -356,9 +358,7 @@ class AdaptivePolicy(DraftPolicy):
         arms, tokens = [], 0.0
         for row in self.rows:
             options = [i for i in self._candidates(row) if i == model or i in free]
-            # a step where the drafter proposes nothing for the row still emits one token
-            expected = {i: 1 + row.arms[i].proposal_rate * (expected_tokens(self._alpha(row.arms[i]), gamma) - 1)
-                        for i in options}
+            expected = {i: self._expected_emitted(row.arms[i], gamma) for i in options}
             arm = max(expected, key=expected.get) if expected else NO_DRAFT
             tokens += expected[arm] if expected else 1.0
             arms.append(arm)
@@ -370,23 +370,38 @@ class AdaptivePolicy(DraftPolicy):
         seconds = self.costs.target_time(gamma) + gamma * sum(self.costs.draft_time(a) for a in used)
         return tokens / seconds, arms, gamma
 
+    def _expected_emitted(self, state: _RowArm, gamma: int) -> float:
+        """Tokens a row expects from a step on an arm at ``gamma``: a step where the drafter
+        proposes nothing still emits one; an arm without an estimate counts as no gain."""
+        alpha = self._alpha(state)
+        if alpha is None:
+            return 1.0
+        return 1 + state.proposal_rate * (expected_tokens(alpha, gamma) - 1)
+
     def _one_model_per_step(self, arms: list[int]) -> list[int]:
         """A draft model drafts every row of the batch whichever rows take it, so a second one in
         the same step doubles the drafting: rows that chose another model than the most chosen
-        one take their best arm without it (that model, a model-free drafter, or no draft)."""
+        one take their best arm without it (that model, a model-free drafter, or no draft).
+        A batch's first step also reads every row's prompt into the model: a model fewer than
+        half the rows chose does not run then."""
         models = [a for a in arms if a != NO_DRAFT and self.with_model and self.with_model[a]]
-        if len(set(models)) <= 1:
+        if not models:
             return arms
         keep = max(set(models), key=models.count)
+        if self.batch > 1 and not self.costs.measured and 2 * models.count(keep) < len(arms):
+            keep = None
+        elif len(set(models)) == 1:
+            return arms
         allowed = [i for i in range(self.num_drafters) if i == keep or not self.with_model[i]]
         out = []
         for row, arm in zip(self.rows, arms):
             if arm in allowed or arm == NO_DRAFT:
                 out.append(arm)
                 continue
-            rates = {i: self.rate(i, self._alpha(row.arms[i]), row.arms[i].gamma) for i in allowed}
-            best = max(rates, key=rates.get)
-            out.append(best if rates[best] > self.rate(NO_DRAFT) else NO_DRAFT)
+            rates = {i: self.rate(i, self._alpha(row.arms[i]), row.arms[i].gamma)
+                     for i in allowed if i in self._candidates(row)}
+            best = max(rates, key=rates.get, default=NO_DRAFT)
+            out.append(best if best != NO_DRAFT and rates[best] > self.rate(NO_DRAFT) else NO_DRAFT)
         return out
 
     def _alpha(self, state: _RowArm) -> float | None:

@@ -7,9 +7,15 @@ single-row path (a decode step) reads the weights at half the kernel's speed. Th
 :func:`draftwise.kernels.linear.skinny_linear` reads each weight once for all the rows; ``python
 bench/step_costs.py`` measures both.
 
-Inside :meth:`SkinnyLinears.routing`, a forward of ``MIN_ROWS`` to ``MAX_ROWS[isa]`` rows runs the
+Inside :meth:`SkinnyLinears.routing`, a forward of ``MIN_ROWS`` to ``max_rows`` rows runs the
 model's ``nn.Linear`` layers through the kernel (on a CPU with AVX-512 or AVX2); any other forward, device or dtype is left alone,
 and so are forwards that record autograd. ``DRAFTWISE_SKINNY_GEMM=0`` turns the path off.
+
+Where the kernel stops paying depends on the CPU (its cache, and how well PyTorch's GEMM does
+with few rows there) and on the model's shapes: ``MAX_ROWS[isa]`` is a floor measured on one
+CPU; for a model large enough to time, the bound is measured on this CPU the first time its
+shapes are routed (:func:`calibrated_max_rows`: under a second for a 135M model, once per
+process), or set with ``DRAFTWISE_SKINNY_MAX_ROWS``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 import weakref
 
 import torch
@@ -29,6 +36,9 @@ MIN_ROWS = 1  # from a decode step of one row (PyTorch's GEMV is at best as fast
 # (measured on the default target's shapes, 2 threads). The portable loop is never routed.
 MAX_ROWS = {"avx512": 20, "avx2": 12}
 ENV_SWITCH = "DRAFTWISE_SKINNY_GEMM"  # "0" turns the path off (for side-by-side timing)
+ENV_MAX_ROWS = "DRAFTWISE_SKINNY_MAX_ROWS"  # a fixed bound instead of the measured one
+CALIBRATION_ROWS = (24, 32, 48, 64, 96, 128)  # the bounds past the floor that calibration tries
+CALIBRATE_FROM = 4_000_000  # linear weights below this are too quick to time: the floor holds
 
 
 def enabled() -> bool:
@@ -50,9 +60,74 @@ def switched_off():
             os.environ[ENV_SWITCH] = previous
 
 
-def routes(rows: int) -> bool:
-    """Whether a forward of ``rows`` rows (batch x tokens) runs through the kernel on this CPU."""
-    return MIN_ROWS <= rows <= MAX_ROWS.get(linear_kernel.best_isa(), 0)
+def routes(rows: int, max_rows: int | None = None) -> bool:
+    """Whether a forward of ``rows`` rows (batch x tokens) runs through the kernel on this CPU
+    (up to ``max_rows``; None: the floor ``MAX_ROWS``)."""
+    top = MAX_ROWS.get(linear_kernel.best_isa(), 0) if max_rows is None else max_rows
+    return MIN_ROWS <= rows <= top
+
+
+def calibrated_max_rows(linears: list[nn.Linear]) -> int:
+    """The most rows for which the kernel runs ``linears`` faster than PyTorch's GEMM on this
+    CPU, with this many threads: ``DRAFTWISE_SKINNY_MAX_ROWS`` if set, else measured once per
+    set of shapes (never below the floor ``MAX_ROWS[isa]``)."""
+    floor = MAX_ROWS.get(linear_kernel.best_isa(), 0)
+    if not floor:  # the portable loop is never routed
+        return 0
+    if os.environ.get(ENV_MAX_ROWS):
+        value = os.environ[ENV_MAX_ROWS]
+        if not value.isdigit():
+            raise ValueError(f"{ENV_MAX_ROWS}: expected a non-negative int, got {value!r}")
+        return int(value)
+    if sum(m.weight.numel() for m in linears) < CALIBRATE_FROM:
+        return floor
+    by_shape: dict[tuple, list[nn.Linear]] = {}
+    for module in linears:
+        by_shape.setdefault((tuple(module.weight.shape), module.bias is not None), []).append(module)
+    key = (linear_kernel.best_isa(), torch.get_num_threads(),
+           tuple(sorted((shape, len(group)) for shape, group in by_shape.items())))
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = _measure_max_rows([(group[0], len(group)) for group in by_shape.values()], floor)
+    return _CALIBRATED[key]
+
+
+_CALIBRATED: dict[tuple, int] = {}
+
+
+@torch.inference_mode()
+def _measure_max_rows(layers: list[tuple[nn.Linear, int]], floor: int) -> int:
+    """The largest candidate bound where the kernel wins, found by bisection (the kernel's lead
+    shrinks as rows grow): at a bound, one layer of each shape runs both ways (best of three,
+    weighted by how many layers share the shape)."""
+
+    def seconds(run, x, module) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            run(x, module.weight, module.bias)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def kernel_wins(rows: int) -> bool:
+        inputs = [torch.randn(rows, m.weight.shape[1]) for m, _ in layers]
+        ours = sum(n * seconds(kernel, x, m) for x, (m, n) in zip(inputs, layers))
+        return ours < sum(n * seconds(nn.functional.linear, x, m) for x, (m, n) in zip(inputs, layers))
+
+    kernel = functools.partial(linear_kernel.skinny_linear, check=False)
+    return largest_winning(CALIBRATION_ROWS, kernel_wins, floor)
+
+
+def largest_winning(candidates: tuple[int, ...], wins, floor: int) -> int:
+    """The largest of the ascending ``candidates`` where ``wins`` holds, by bisection (``wins``
+    holds up to some candidate and not past it); ``floor`` if it holds at none."""
+    won, lost = -1, len(candidates)  # wins at index `won` (-1: the floor), loses from index `lost` on
+    while lost - won > 1:
+        middle = (won + lost) // 2
+        if wins(candidates[middle]):
+            won = middle
+        else:
+            lost = middle
+    return floor if won < 0 else candidates[won]
 
 
 def for_model(model: nn.Module) -> SkinnyLinears | None:
@@ -73,13 +148,14 @@ class SkinnyLinears:
         self.linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)
                         and type(m.weight.data) is torch.Tensor]
         self._routed = [_routed_forward(m) for m in self.linears]
+        self.max_rows = calibrated_max_rows(self.linears)
 
     @contextlib.contextmanager
     def routing(self, rows: int, every_size: bool = False):
         """Inside, the linear layers run through the kernel when ``rows`` is in the routed range
         (or, with ``every_size``, whatever it is: a compiled forward takes one path for all sizes,
         so that its graphs do not multiply by the routed range)."""
-        if not (every_size or routes(rows)):
+        if not (every_size or routes(rows, self.max_rows)):
             yield
             return
         for module, forward in zip(self.linears, self._routed):
