@@ -58,6 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     target, _, draft = load_default()
+    routed = skinny_linear.for_model(target)
+    print(f"skinny GEMM bound measured on this CPU for the target: {routed.max_rows if routed else 0} rows")
     print("target forward            | skinny GEMM | PyTorch GEMM | transformers' DynamicCache | compiled")
     for tokens in [1] + [int(g) + 1 for g in args.gammas.split(",")]:
         skinny = step_ms(target, tokens)
