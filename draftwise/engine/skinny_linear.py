@@ -8,8 +8,9 @@ single-row path (a decode step) reads the weights at half the kernel's speed. Th
 bench/step_costs.py`` measures both.
 
 Inside :meth:`SkinnyLinears.routing`, a forward of ``MIN_ROWS`` to ``max_rows`` rows runs the
-model's ``nn.Linear`` layers through the kernel (on a CPU with AVX-512 or AVX2); any other forward, device or dtype is left alone,
-and so are forwards that record autograd. ``DRAFTWISE_SKINNY_GEMM=0`` turns the path off.
+model's ``nn.Linear`` layers through the kernel (on a CPU with AVX-512 or AVX2); any other
+forward, device or dtype is left alone, and so are forwards that record autograd.
+``DRAFTWISE_SKINNY_GEMM=0`` turns the path off.
 
 Where the kernel stops paying depends on the CPU (its cache, and how well PyTorch's GEMM does
 with few rows there) and on the model's shapes: ``MAX_ROWS[isa]`` is a floor measured on one
@@ -32,8 +33,9 @@ from torch import nn
 from ..kernels import linear as linear_kernel
 
 MIN_ROWS = 1  # from a decode step of one row (PyTorch's GEMV is at best as fast: both read each weight once)
-# Past these, the product is no longer bound by reading the weights and PyTorch's GEMM is as fast
-# (measured on the default target's shapes, 2 threads). The portable loop is never routed.
+# The floor of the routed range: on an Intel Xeon past these PyTorch's GEMM is as fast (the default
+# target's shapes, 2 threads); other CPUs measure their own bound above it. The portable loop is
+# never routed.
 MAX_ROWS = {"avx512": 20, "avx2": 12}
 ENV_SWITCH = "DRAFTWISE_SKINNY_GEMM"  # "0" turns the path off (for side-by-side timing)
 ENV_MAX_ROWS = "DRAFTWISE_SKINNY_MAX_ROWS"  # a fixed bound instead of the measured one
