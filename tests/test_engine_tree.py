@@ -370,6 +370,14 @@ def test_tree_steps_through_the_tree_attention_kernel(arch, monkeypatch):
     assert calls and set(calls) == {"triton"}
 
 
+def _always_drafting(monkeypatch):
+    """The adaptive policy with its costs never measured: every row drafts every step, whatever
+    this machine's timings (a test of step shapes, not of when drafting pays)."""
+    from draftwise.engine.policy import CostModel
+
+    monkeypatch.setattr(CostModel, "measured", property(lambda self: False))
+
+
 @pytest.mark.parametrize("builder", ["dynamic tree of one draft", "prompt lookup's matches"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chain_and_tree_steps_mixed_give_the_target_greedy_output(arch, builder, monkeypatch):
@@ -379,6 +387,7 @@ def test_chain_and_tree_steps_mixed_give_the_target_greedy_output(arch, builder,
 
     shapes = []
     monkeypatch.setattr(StepShapes, "tree_next", lambda self: shapes.append(len(shapes) % 2 == 1) or shapes[-1])
+    _always_drafting(monkeypatch)
     target, draft = make_pair(arch)
     ids, mask = left_padded_prompts(3, width=9)
     ids[:, -4:] = ids[:, 2:6].clone()
@@ -406,8 +415,11 @@ def test_auto_trees_follow_the_measured_rates():
 
 
 @pytest.mark.parametrize("budget", ["the default", "auto"])
-def test_auto_trees_need_one_drafter_the_adaptive_schedule_and_no_selector(budget):
-    from draftwise.engine.policy import AdaptivePolicy
+def test_auto_trees_need_one_drafter_the_adaptive_schedule_and_no_selector(budget, monkeypatch):
+    from draftwise.engine.policy import AdaptivePolicy, StepShapes
+
+    monkeypatch.setattr(StepShapes, "tree_next", lambda self: True)  # every drafting step a tree where trees run
+    _always_drafting(monkeypatch)
 
     target, draft = make_pair("llama")
     ids, mask = left_padded_prompts(2, width=9)
@@ -416,7 +428,7 @@ def test_auto_trees_need_one_drafter_the_adaptive_schedule_and_no_selector(budge
     want = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
                            max_new_tokens=12, eos_token_id=None)
     out = draftwise.generate(target, ids, mask, assistant_model=draft, **common)
-    assert out.spec_stats.tree_steps > 0 and torch.equal(out.sequences, want)  # the third step tries a tree
+    assert out.spec_stats.tree_steps > 0 and torch.equal(out.sequences, want)
     for kwargs in (dict(drafts=[draft, PromptLookupDrafter()]), dict(assistant_model=draft, num_assistant_tokens=3),
                    dict(assistant_model=draft, repetition_penalty=1.2),
                    dict(assistant_model=draft, selector=AdaptivePolicy())):
