@@ -85,9 +85,13 @@ def calibrated_max_rows(linears: list[nn.Linear]) -> int:
         return floor
     by_shape: dict[tuple, list[nn.Linear]] = {}
     for module in linears:
+        if module.weight.dtype != torch.float32 or not module.weight.is_contiguous():
+            continue  # never routed (see _forward), so not timed
         by_shape.setdefault((tuple(module.weight.shape), module.bias is not None), []).append(module)
     key = (linear_kernel.best_isa(), torch.get_num_threads(),
            tuple(sorted((shape, len(group)) for shape, group in by_shape.items())))
+    if not by_shape:
+        return floor
     if key not in _CALIBRATED:
         _CALIBRATED[key] = _measure_max_rows([(group[0], len(group)) for group in by_shape.values()], floor)
     return _CALIBRATED[key]
