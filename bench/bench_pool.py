@@ -48,12 +48,19 @@ def sampling(sample: bool) -> dict:
     return dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
 
 
-def arms(target, tokenizer, pool, selector, sample: bool = False) -> dict:
-    common = dict(max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id, **sampling(sample))
+def single_arms(target, pool, common: dict) -> dict:
+    """The target alone, draftwise without a draft and each drafter alone: a run per name, taking
+    the tokenized inputs."""
     runs = {"target alone": lambda x: target.generate(**x, **common),
             NO_DRAFT_ARM: lambda x: draftwise.generate(target, **x, **common)}
     for drafter in pool:
         runs[drafter.name] = (lambda d: lambda x: draftwise.generate(target, **x, assistant_model=d, **common))(drafter)
+    return runs
+
+
+def arms(target, tokenizer, pool, selector, sample: bool = False) -> dict:
+    common = dict(max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id, **sampling(sample))
+    runs = single_arms(target, pool, common)
     policies = {
         "pool: per-step default": lambda: AdaptivePolicy(),
         "pool: offline selector": lambda: OfflinePolicy(selector),
@@ -115,8 +122,10 @@ def with_derived_arms(records: list[dict], singles: list[str]) -> None:
 def speedups(records: list[dict], names: list[str], base: str = "target alone") -> dict:
     groups = {}
     for r in records:
-        for key in ((r["kind"], r["template"]), (r["kind"], "both"), ("all kinds", r["template"]), ("all kinds", "both")):
-            groups.setdefault(key, []).append(r)
+        for kind in (r["kind"], "all kinds"):
+            for key in ((kind, r["template"]), (kind, "both")):
+                groups.setdefault(key, []).append(r)
+
     def rate(group, name):  # tokens per second over the group
         return sum(r["tokens"][name] for r in group) / sum(r["seconds"][name] for r in group)
 
@@ -129,11 +138,9 @@ def batch_measure(target, tokenizer, pool, selector, prompts: list[dict], repeat
     tokenizer.padding_side = "left"
     inputs = tokenizer([p["text"] for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
     common = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    runs = {"target alone": lambda: target.generate(**inputs, **common),
-            NO_DRAFT_ARM: lambda: draftwise.generate(target, **inputs, **common)}
-    for drafter in pool:
-        runs[drafter.name] = (lambda d: lambda: draftwise.generate(target, **inputs, assistant_model=d, **common))(drafter)
-    policies = {"pool: per-step default": lambda: AdaptivePolicy(), "pool: offline selector": lambda: OfflinePolicy(selector),
+    runs = {name: (lambda run: lambda: run(inputs))(run) for name, run in single_arms(target, pool, common).items()}
+    policies = {"pool: per-step default": lambda: AdaptivePolicy(),
+                "pool: offline selector": lambda: OfflinePolicy(selector),
                 "pool: online + selector": lambda: OnlinePolicy(selector)}
     for name, make in policies.items():
         for planned in (True, False):
@@ -223,8 +230,8 @@ def main() -> None:
     records = measure(target, tokenizer, pool, selector, prompts, args.repeats, args.sample, args.singles_only)
     singles = [NO_DRAFT_ARM] + [d.name for d in pool]  # the pool's arms: each drafter, and no draft
     with_derived_arms(records, singles)
-    names = [NO_DRAFT_ARM] + [d.name for d in pool] + ["random arm", "oracle", "pool: per-step default", "pool: offline selector",
-                                      "pool: offline, chosen arm only", "pool: online", "pool: online + selector"]
+    names = singles + ["random arm", "oracle", "pool: per-step default", "pool: offline selector",
+                       "pool: offline, chosen arm only", "pool: online", "pool: online + selector"]
     names = [n for n in names if n in records[0]["seconds"]]
     ratios = speedups(records, names)
     drafting = [n for n in [d.name for d in pool] + ["oracle", "pool: offline selector"] if n in names]

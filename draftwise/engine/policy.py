@@ -300,13 +300,18 @@ class AdaptivePolicy(DraftPolicy):
         arms = [self._choose_row(row) if self.num_drafters else NO_DRAFT for row in self.rows]
         arms = self._one_model_per_step(arms)
         gammas = [0 if a == NO_DRAFT else row.arms[a].gamma for row, a in zip(self.rows, arms)]
-        if self.batch > 1 and self.schedule == "adaptive" and not self.costs.measured:
+        if self._first_batch_step and self.schedule == "adaptive":
             # a batch's first step verifies batch x (γ + 1) tokens before any cost is known: one
             # drafted token per row is the cheapest evidence (a wide call can cost several steps)
             gammas = [min(g, 1) for g in gammas]
         return StepChoice(arms, gammas)
 
     # ------------------------------------------------------------------ batches
+
+    @property
+    def _first_batch_step(self) -> bool:
+        """A batch's step before any cost is measured (how wide a call may be is not known yet)."""
+        return self.batch > 1 and not self.costs.measured
 
     plan_batches = True  # with several rows, plan each step for the batch (below); False: row by row
 
@@ -388,7 +393,7 @@ class AdaptivePolicy(DraftPolicy):
         if not models:
             return arms
         keep = max(set(models), key=models.count)
-        if self.batch > 1 and not self.costs.measured and 2 * models.count(keep) < len(arms):
+        if self._first_batch_step and 2 * models.count(keep) < len(arms):
             keep = None
         elif len(set(models)) == 1:
             return arms
@@ -398,8 +403,8 @@ class AdaptivePolicy(DraftPolicy):
             if arm in allowed or arm == NO_DRAFT:
                 out.append(arm)
                 continue
-            rates = {i: self.rate(i, self._alpha(row.arms[i]), row.arms[i].gamma)
-                     for i in allowed if i in self._candidates(row)}
+            candidates = self._candidates(row)
+            rates = {i: self.rate(i, self._alpha(row.arms[i]), row.arms[i].gamma) for i in allowed if i in candidates}
             best = max(rates, key=rates.get, default=NO_DRAFT)
             out.append(best if best != NO_DRAFT and rates[best] > self.rate(NO_DRAFT) else NO_DRAFT)
         return out
